@@ -1,0 +1,53 @@
+"""Dense vs routed forward latency on random-weight PixArt- and DiT-shaped transformers (issue: core library).
+
+Every (family, tokens, batch) runs dense and kept ratios 0.8 / 0.5 / 0.3 interleaved in one process, median
+of >= 7 runs after warm-up, and prints the measured speedup next to the FLOP-ideal one.
+
+    python benchmarks/routing_speed.py                 # the full table (about 10 minutes on 2 CPU cores)
+    python benchmarks/routing_speed.py --quick         # tiny shapes, seconds
+    python benchmarks/routing_speed.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from diffcr.benchmark import machine_description, routing_speed, rows_as_dicts, speed_table_markdown
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write the rows and the machine description to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        shape = {"width": 64, "num_layers": 2, "heads": 2, "text_tokens": 8}
+        grid = [(16, 1)]
+        repeats, warmup = 3, 1
+    else:
+        shape = {"width": 384, "num_layers": 12, "heads": 6, "text_tokens": 120}
+        grid = [(256, 1), (256, 4), (1024, 1), (1024, 4)]
+        repeats, warmup = args.repeats, 2
+    rows = []
+    for family in ("pixart", "dit"):
+        for num_tokens, batch in grid:
+            new = routing_speed(family, num_tokens, batch, repeats=repeats, warmup=warmup, **shape)
+            print("\n".join(speed_table_markdown(new).splitlines()[2:]), flush=True)
+            rows.extend(new)
+    machine = machine_description()
+    print()
+    print(f"machine: {machine}; model shape: {shape}; fp32, median of {repeats} after {warmup} warm-up runs")
+    print(speed_table_markdown(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": machine, "shape": shape, "rows": rows_as_dicts(rows)}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

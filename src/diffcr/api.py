@@ -1,0 +1,345 @@
+"""The public verbs: apply, remove, freeze, save, load, and what a trainer needs (ratio loss, parameter groups).
+
+One mechanism for every family: each routable block's class is swapped for a routing subclass (so its
+attributes, hooks and state-dict keys stay as they were), a `DiffCRController` is attached as `model.diffcr`,
+and a forward pre-hook on the model records the timestep each sample receives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffcr.adapters import get_adapter
+from diffcr.adapters.base import mlp_gate_hook, routed_class
+from diffcr.config import CONFIG_VERSION, DiffCRConfig
+from diffcr.controller import DiffCRController
+from diffcr.ratios import ratio_loss_value
+
+logger = logging.getLogger(__name__)
+
+ATTR = "diffcr"
+WEIGHTS_NAME = "diffcr_weights.safetensors"
+CONFIG_NAME = "diffcr_config.json"
+ARTIFACT_FORMAT = 1
+
+
+def is_applied(model) -> bool:
+    """Whether `apply` has attached DiffCR to `model`."""
+    return isinstance(getattr(model, "_modules", {}).get(ATTR), DiffCRController)
+
+
+def _controller(model) -> DiffCRController:
+    if not is_applied(model):
+        raise ValueError(
+            f"DiffCR is not applied to this {type(model).__name__}; call diffcr.apply(model, config) first"
+        )
+    return model._modules[ATTR]
+
+
+def _timestep_pre_hook(model, args, kwargs):
+    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    model._modules[ATTR].begin_forward(timestep, hidden_states.shape[0])
+
+
+def apply(model, config: DiffCRConfig | None = None):
+    """Attach routers and learnable kept ratios to every block of `model`, in place.
+
+    At the start every kept ratio is `config.init_kept_ratio` (1.0: dense), and with the default
+    "straight_through" gate the model computes exactly its original function.
+
+    Args:
+        model: a supported diffusers transformer (see `diffcr.adapters.ADAPTERS`).
+        config: the `DiffCRConfig` (default `DiffCRConfig()`).
+
+    Returns:
+        The same model, routed.
+
+    Raises:
+        TypeError: the model class is not supported (the message lists those that are).
+        ValueError: DiffCR is already applied, or the config does not fit the model.
+
+    Example:
+        >>> import diffcr
+        >>> from diffcr.models import build_base_model
+        >>> model = diffcr.apply(build_base_model(num_layers=2), diffcr.DiffCRConfig(target_kept_ratio=0.5))
+        >>> diffcr.is_applied(model)
+        True
+    """
+    config = config or DiffCRConfig()
+    if not isinstance(config, DiffCRConfig):
+        raise TypeError(f"config must be a DiffCRConfig, got {type(config).__name__}")
+    if is_applied(model):
+        raise ValueError("DiffCR is already applied to this model; call diffcr.remove(model) first")
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    if config.gate == "sigmoid_mlp":
+        chunked = [i for i, b in enumerate(blocks) if getattr(b, "_chunk_size", None) is not None]
+        if chunked:
+            raise ValueError(f"gate='sigmoid_mlp' cannot gate chunked feed-forward (blocks {chunked}); "
+                             "disable feed-forward chunking or use another gate")
+    num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
+    reference = next(model.parameters())
+    controller = DiffCRController(config, len(blocks), adapter.hidden_size(model), num_train_timesteps)
+    controller.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+    controller.kept_ratio.data = controller.kept_ratio.data.float()
+    controller.train(model.training)
+
+    # every change below is undone if any step fails, so a failed apply leaves the model as it was
+    done: list = []
+    try:
+        model.add_module(ATTR, controller)
+        done.append(("attr", None))
+        for layer, block in enumerate(blocks):
+            base_cls = type(block)
+            block.__class__ = routed_class(base_cls)
+            done.append(("class", (block, base_cls)))
+            object.__setattr__(block, "_diffcr_controller", controller)
+            object.__setattr__(block, "_diffcr_layer", layer)
+            if config.gate == "sigmoid_mlp":
+                done.append(("hook", block.ff.register_forward_hook(mlp_gate_hook)))
+        handle = model.register_forward_pre_hook(_timestep_pre_hook, with_kwargs=True)
+        done.append(("hook", handle))
+        object.__setattr__(model, "_diffcr_handles", [h for kind, h in done if kind == "hook"])
+    except BaseException:
+        _undo(model, done)
+        raise
+    logger.info("DiffCR applied to %s: %d blocks, %d timestep regions, target kept ratio %.3f",
+                type(model).__name__, len(blocks), config.timestep_regions, config.target_kept_ratio)
+    return model
+
+
+def _undo(model, done: list) -> None:
+    for kind, item in reversed(done):
+        if kind == "hook":
+            item.remove()
+        elif kind == "class":
+            block, base_cls = item
+            block.__class__ = base_cls
+            for name in ("_diffcr_controller", "_diffcr_layer"):
+                block.__dict__.pop(name, None)
+        elif kind == "attr":
+            del model._modules[ATTR]
+    model.__dict__.pop("_diffcr_handles", None)
+
+
+def remove(model):
+    """Detach DiffCR: the original blocks, no hooks, no `diffcr.*` parameters. Returns the model.
+
+    Raises:
+        ValueError: DiffCR is not applied.
+    """
+    _controller(model)
+    for handle in model.__dict__.get("_diffcr_handles", []):
+        handle.remove()
+    for module in model.modules():
+        base_cls = getattr(type(module), "_diffcr_base_class", None)
+        if base_cls is not None:
+            module.__class__ = base_cls
+            for name in ("_diffcr_controller", "_diffcr_layer"):
+                module.__dict__.pop(name, None)
+    del model._modules[ATTR]
+    model.__dict__.pop("_diffcr_handles", None)
+    return model
+
+
+def get_config(model) -> DiffCRConfig:
+    """The `DiffCRConfig` applied to `model`."""
+    return _controller(model).config
+
+
+def freeze(model):
+    """Snap every kept ratio to its nearest bin and fix the schedule: one pass per block, in any mode.
+
+    DiffCR parameters stop requiring gradients. Returns the model.
+    """
+    controller = _controller(model)
+    controller.frozen_schedule = controller.snapped_schedule()
+    controller.requires_grad_(False)
+    return model
+
+
+def is_frozen(model) -> bool:
+    return _controller(model).frozen_schedule is not None
+
+
+def ratio_loss(model, target: float | None = None) -> torch.Tensor:
+    """(mean kept ratio used in the last forward - target)^2, the mean over blocks and samples.
+
+    In training mode the kept ratios are the continuous learnable ones (differentiable); in eval mode or
+    after `freeze`, the bins actually run.
+
+    Args:
+        target: kept-ratio target; default the config's `target_kept_ratio`.
+    """
+    controller = _controller(model)
+    target = controller.config.target_kept_ratio if target is None else target
+    return ratio_loss_value(controller.used_kept_ratio().mean(), target)
+
+
+def mean_kept_ratio_used(model) -> float:
+    """The mean kept ratio over blocks and samples in the last forward."""
+    return float(_controller(model).used_kept_ratio().detach().mean())
+
+
+def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
+    """Split parameters into "router", "ratio" (give these their own lr and no weight decay) and "base".
+
+    Example:
+        >>> import diffcr
+        >>> from diffcr.models import build_base_model
+        >>> groups = diffcr.parameter_groups(diffcr.apply(build_base_model(num_layers=2)))
+        >>> [len(groups[k]) for k in ("router", "ratio")]
+        [2, 1]
+    """
+    controller = _controller(model)
+    router = list(controller.routers.parameters())
+    ratio = [controller.kept_ratio]
+    own = {id(p) for p in router + ratio}
+    base = [p for p in model.parameters() if id(p) not in own]
+    return {"router": router, "ratio": ratio, "base": base}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Kept ratio per block (rows) and timestep region (columns).
+
+    Attributes:
+        kept_ratio: what runs at inference (snapped to bins).
+        continuous: the learnable values (clamped to the bins' range).
+        region_bounds: [start, end) timestep values of each region.
+    """
+
+    kept_ratio: list[list[float]]
+    continuous: list[list[float]]
+    region_bounds: list[tuple[int, int]]
+
+    @property
+    def mean_kept_ratio(self) -> float:
+        values = [v for row in self.kept_ratio for v in row]
+        return sum(values) / len(values)
+
+    def __str__(self) -> str:
+        header = "layer | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in self.region_bounds)
+        lines = [header, "-" * len(header)]
+        for layer, row in enumerate(self.kept_ratio):
+            lines.append(f"{layer:5d} | " + " | ".join(f"{v:>{max(4, len(f't {lo}-{hi - 1}'))}.2f}"
+                                                       for v, (lo, hi) in zip(row, self.region_bounds)))
+        lines.append(f"mean kept ratio {self.mean_kept_ratio:.3f} (compression {1 - self.mean_kept_ratio:.1%})")
+        return "\n".join(lines)
+
+
+def schedule(model) -> Schedule:
+    """The kept-ratio schedule, as a table a person can read (`print(diffcr.schedule(model))`)."""
+    controller = _controller(model)
+    regions = controller.config.timestep_regions
+    total = controller.num_train_timesteps
+    bounds = [(-(-r * total // regions), -(-(r + 1) * total // regions)) for r in range(regions)]
+    low = min(controller.config.ratio_bins)
+    return Schedule(
+        kept_ratio=controller.frozen_schedule or controller.snapped_schedule(),
+        continuous=controller.kept_ratio.detach().clamp(low, 1.0).tolist(),
+        region_bounds=bounds,
+    )
+
+
+def _artifact_description(model) -> dict:
+    controller = _controller(model)
+    return {
+        "format": ARTIFACT_FORMAT,
+        "config": controller.config.to_dict(),
+        "model_class": type(model).__name__,
+        "num_layers": controller.num_layers,
+        "hidden_size": controller.hidden_size,
+        "num_train_timesteps": controller.num_train_timesteps,
+        "frozen": controller.frozen_schedule is not None,
+        "schedule": schedule(model).kept_ratio,
+    }
+
+
+def save(model, path: str | os.PathLike) -> Path:
+    """Write the DiffCR artifact: `diffcr_weights.safetensors` (routers and ratios only, the description in
+    its metadata) and `diffcr_config.json` beside it. Files are written atomically.
+
+    Returns:
+        The artifact folder.
+    """
+    from diffcr.checkpoint import save_file_atomic, write_json_atomic
+
+    controller = _controller(model)
+    description = _artifact_description(model)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach() for name, t in controller.state_dict().items()}
+    save_file_atomic(tensors, folder / WEIGHTS_NAME, metadata={"diffcr": json.dumps(description)})
+    write_json_atomic(folder / CONFIG_NAME, description)
+    return folder
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read an artifact folder: (description, tensors). Raises ValueError with the reason when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    weights = folder / WEIGHTS_NAME if folder.is_dir() else folder
+    if not weights.is_file():
+        raise FileNotFoundError(f"no DiffCR artifact at {folder}: {WEIGHTS_NAME} is missing (made by diffcr.save)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    if "diffcr" not in metadata:
+        raise ValueError(f"{weights} has no DiffCR description in its metadata; it was not written by diffcr.save")
+    description = json.loads(metadata["diffcr"])
+    if description.get("format", 0) > ARTIFACT_FORMAT:
+        raise ValueError(f"artifact format {description.get('format')} is newer than this diffcr reads "
+                         f"({ARTIFACT_FORMAT}); upgrade diffcr")
+    if description["config"].get("_version", 0) > CONFIG_VERSION:
+        raise ValueError(f"artifact config version {description['config'].get('_version')} is newer than this "
+                         f"diffcr reads ({CONFIG_VERSION}); upgrade diffcr")
+    return description, tensors
+
+
+def load(model, path: str | os.PathLike):
+    """Apply DiffCR to a base `model` from an artifact written by `save`, in place. Returns the model.
+
+    Raises:
+        ValueError: the artifact is corrupt, of a newer version, or made for another model (the message lists
+            every mismatch: class, depth, width).
+    """
+    description, tensors = read_artifact(path)
+    adapter = get_adapter(model)
+    expected = {
+        "model_class": type(model).__name__,
+        "num_layers": len(adapter.blocks(model)),
+        "hidden_size": adapter.hidden_size(model),
+    }
+    mismatches = [f"{key}: artifact {description.get(key)!r}, model {value!r}"
+                  for key, value in expected.items() if description.get(key) != value]
+    if mismatches:
+        raise ValueError(f"DiffCR artifact {path} does not fit this model: " + "; ".join(mismatches))
+    config = DiffCRConfig.from_dict(description["config"]).replace(
+        num_train_timesteps=description["num_train_timesteps"])
+    apply(model, config)
+    try:
+        controller = _controller(model)
+        own = controller.state_dict()
+        if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
+            raise ValueError(f"DiffCR artifact {path} tensors do not match: expected "
+                             f"{ {k: tuple(v.shape) for k, v in own.items()} }, found "
+                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+        controller.load_state_dict(tensors)
+        if description.get("frozen"):
+            freeze(model)
+    except BaseException:
+        remove(model)
+        raise
+    return model

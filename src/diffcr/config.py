@@ -1,0 +1,114 @@
+"""`DiffCRConfig`: what `diffcr.apply` attaches, validated on construction, versioned as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+CONFIG_TYPE = "DiffCRConfig"
+CONFIG_VERSION = 1
+GATES = ("straight_through", "sigmoid_block", "sigmoid_mlp")
+DEFAULT_RATIO_BINS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass(frozen=True)
+class DiffCRConfig:
+    """How DiffCR routes tokens and learns kept ratios.
+
+    Args:
+        target_kept_ratio: mean fraction of image tokens the blocks should compute, in (0, 1]
+            (0.8 = the paper's "20 % compression").
+        timestep_regions: R, the number of equal timestep regions with their own ratios (1 = DiffCR-L,
+            layer ratios only; 4 = the paper's text-to-image DiffCR-LT).
+        ratio_bins: kept-ratio bins, strictly descending, starting at 1.0; 0.0 allowed (whole-block skip).
+        gate: how the router learns through the top-k choice: "straight_through" (forward exactly the
+            model's own output), "sigmoid_block" (the paper: block update x router score) or "sigmoid_mlp"
+            (the authors' pseudocode: only the MLP update x router score).
+        ratio_loss_weight: lambda in loss = diffusion_loss + lambda * ratio_loss.
+        num_train_timesteps: T, the timestep range cut into regions; None = the model's own, else 1000.
+        init_kept_ratio: starting value of every learnable kept ratio (1.0 = dense).
+
+    Example:
+        >>> DiffCRConfig(target_kept_ratio=0.8, timestep_regions=4).ratio_bins[:3]
+        (1.0, 0.9, 0.8)
+    """
+
+    target_kept_ratio: float = 0.8
+    timestep_regions: int = 4
+    ratio_bins: tuple[float, ...] = field(default=DEFAULT_RATIO_BINS)
+    gate: str = "straight_through"
+    ratio_loss_weight: float = 0.3
+    num_train_timesteps: int | None = None
+    init_kept_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratio_bins", tuple(float(b) for b in self.ratio_bins))
+        if not 0.0 < self.target_kept_ratio <= 1.0:
+            raise ValueError(
+                f"target_kept_ratio={self.target_kept_ratio} is outside (0, 1]; it is the fraction of tokens "
+                "kept (0.8 = 20 % compression)"
+            )
+        if isinstance(self.timestep_regions, bool) or not isinstance(self.timestep_regions, int) \
+                or self.timestep_regions < 1:
+            raise ValueError(f"timestep_regions={self.timestep_regions!r} must be an integer >= 1 (1 = DiffCR-L)")
+        bins = self.ratio_bins
+        if len(bins) < 2:
+            raise ValueError(f"ratio_bins={bins} needs at least two bins, e.g. (1.0, 0.9, ..., 0.1)")
+        bad = [b for b in bins if not 0.0 <= b <= 1.0]
+        if bad:
+            raise ValueError(f"ratio_bins has values outside [0, 1]: {bad}; bins are kept ratios")
+        if len(set(bins)) != len(bins):
+            raise ValueError(f"ratio_bins={bins} has duplicates; give each kept ratio once")
+        if list(bins) != sorted(bins, reverse=True):
+            raise ValueError(f"ratio_bins={bins} must be sorted descending, e.g. {tuple(sorted(bins, reverse=True))}")
+        if bins[0] != 1.0:
+            raise ValueError(f"ratio_bins={bins} must start at 1.0 so that a layer can stay dense")
+        if self.gate not in GATES:
+            raise ValueError(f"gate={self.gate!r} is not one of {GATES}")
+        if self.ratio_loss_weight < 0:
+            raise ValueError(f"ratio_loss_weight={self.ratio_loss_weight} must be >= 0")
+        if self.num_train_timesteps is not None and self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 1 (or None)")
+        if not bins[-1] <= self.init_kept_ratio <= 1.0:
+            raise ValueError(f"init_kept_ratio={self.init_kept_ratio} must lie in [{bins[-1]}, 1.0] (the bins' range)")
+
+    def replace(self, **changes) -> DiffCRConfig:
+        return DiffCRConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict:
+        payload = asdict(self)
+        payload["ratio_bins"] = list(self.ratio_bins)
+        return {"_type": CONFIG_TYPE, "_version": CONFIG_VERSION, **payload}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> DiffCRConfig:
+        """Build from `to_dict` output; refuses other types, newer versions and unknown keys."""
+        payload = dict(payload)
+        kind = payload.pop("_type", CONFIG_TYPE)
+        version = payload.pop("_version", CONFIG_VERSION)
+        if kind != CONFIG_TYPE:
+            raise ValueError(f"expected a {CONFIG_TYPE} JSON, got _type={kind!r}")
+        if not isinstance(version, int) or version > CONFIG_VERSION or version < 1:
+            raise ValueError(
+                f"{CONFIG_TYPE} _version={version!r} is not supported by this diffcr (reads versions 1.."
+                f"{CONFIG_VERSION}); upgrade diffcr"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise ValueError(f"unknown {CONFIG_TYPE} keys {unknown}; valid keys: {sorted(known)}")
+        if "ratio_bins" in payload:
+            payload["ratio_bins"] = tuple(payload["ratio_bins"])
+        return cls(**payload)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> DiffCRConfig:
+        """Parse a JSON string, or read a `.json` file (e.g. a preset in `configs/`)."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))

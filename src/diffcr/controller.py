@@ -1,0 +1,125 @@
+"""`DiffCRController`: the module `apply` attaches as `model.diffcr`.
+
+It owns every DiffCR parameter (one router per block, the layer x region kept-ratio table) and the plan of
+the current forward pass: the timestep region of each sample (captured once per model call) and, per
+block, which kept ratios run for which samples. Blocks hold a plain reference to it, so all DiffCR weights
+live under the single `diffcr.` prefix and the base model's own state-dict keys never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffcr.config import DiffCRConfig
+from diffcr.ratios import bracket, clamp_straight_through, snap_to_bin, timestep_region
+
+
+@dataclass
+class RoutingGroup:
+    """Samples of one block call that share their kept ratios.
+
+    Attributes:
+        sample_idx: (b,) indices into the batch, or None for the whole batch.
+        passes: [(kept_ratio bin, weight)]: one pass with weight None (output used as is), or two passes
+            whose updates are blended with differentiable 0-dim weights.
+    """
+
+    sample_idx: torch.Tensor | None
+    passes: list[tuple[float, torch.Tensor | None]]
+
+
+class DiffCRController(nn.Module):
+    """Routers and learnable kept ratios for `num_layers` blocks of width `hidden_size`."""
+
+    def __init__(self, config: DiffCRConfig, num_layers: int, hidden_size: int, num_train_timesteps: int):
+        super().__init__()
+        self.config = config
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.num_train_timesteps = num_train_timesteps
+        self.routers = nn.ModuleList(nn.Linear(hidden_size, 1, bias=False) for _ in range(num_layers))
+        # kept_ratio[l, r]: the learnable kept ratio of block l in timestep region r
+        self.kept_ratio = nn.Parameter(torch.full((num_layers, config.timestep_regions), config.init_kept_ratio))
+        self.frozen_schedule: list[list[float]] | None = None
+        self._regions: list[int] | None = None
+        self._eval_schedule: list[list[float]] | None = None
+        self._used: dict[int, torch.Tensor] = {}
+
+    # -- per model call ---------------------------------------------------------------------------------
+    def begin_forward(self, timestep, batch_size: int) -> None:
+        """Record each sample's timestep region (called by the model's forward pre-hook)."""
+        regions = self.config.timestep_regions
+        if regions == 1:
+            self._regions = [0] * batch_size
+        elif timestep is None:
+            raise ValueError(
+                f"DiffCR with timestep_regions={regions} needs the timestep the model receives; call the model "
+                "with timestep=..., or use timestep_regions=1"
+            )
+        else:
+            timestep = torch.as_tensor(timestep).flatten()
+            if timestep.numel() == 1:
+                timestep = timestep.expand(batch_size)
+            if timestep.numel() != batch_size:
+                raise ValueError(f"timestep has {timestep.numel()} values for a batch of {batch_size}")
+            self._regions = timestep_region(timestep.detach().cpu(), regions, self.num_train_timesteps).tolist()
+        self._used = {}
+        if self.frozen_schedule is None and not self.training:
+            self._eval_schedule = self.snapped_schedule()
+
+    def snapped_schedule(self) -> list[list[float]]:
+        """The kept-ratio table snapped to the nearest bins: what eval mode and `freeze` run."""
+        bins = self.config.ratio_bins
+        low = min(bins)
+        table = self.kept_ratio.detach().clamp(low, 1.0).tolist()
+        return [[snap_to_bin(value, bins) for value in row] for row in table]
+
+    # -- per block call ---------------------------------------------------------------------------------
+    def layer_plan(self, layer: int, batch_size: int) -> list[RoutingGroup]:
+        """Which kept ratios block `layer` runs for which samples; records the ratios used for the loss."""
+        regions = self._regions
+        if regions is None or len(regions) != batch_size:
+            if self.config.timestep_regions != 1:
+                raise RuntimeError(
+                    "DiffCR blocks were called without the model's forward (no timestep captured) or with a "
+                    f"different batch size ({batch_size} vs {None if regions is None else len(regions)})"
+                )
+            regions = [0] * batch_size
+        device = self.kept_ratio.device
+        if self.frozen_schedule is not None or not self.training:
+            table = self.frozen_schedule if self.frozen_schedule is not None else self._eval_schedule
+            if table is None:
+                table = self.snapped_schedule()
+            kept_per_sample = [table[layer][r] for r in regions]
+            self._used[layer] = torch.tensor(kept_per_sample, device=device)
+            return self._group(kept_per_sample, lambda kept: [(kept, None)])
+        # training: per region, the two bins around the clamped ratio, blended with differentiable weights
+        bins = self.config.ratio_bins
+        continuous = {}
+        for region in sorted(set(regions)):
+            continuous[region] = clamp_straight_through(self.kept_ratio[layer, region], min(bins), 1.0)
+        self._used[layer] = torch.stack([continuous[r] for r in regions])  # (B,)
+        return self._group(regions, lambda region: list(bracket(continuous[region], bins)))
+
+    def _group(self, keys: list, passes_of) -> list[RoutingGroup]:
+        unique = sorted(set(keys), key=keys.index)
+        if len(unique) == 1:
+            return [RoutingGroup(None, passes_of(unique[0]))]
+        device = self.kept_ratio.device
+        groups = []
+        for key in unique:
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key], device=device)
+            groups.append(RoutingGroup(idx, passes_of(key)))
+        return groups
+
+    def used_kept_ratio(self) -> torch.Tensor:
+        """(num_layers, B): the kept ratio each block used for each sample in the last forward."""
+        if len(self._used) != self.num_layers:
+            raise RuntimeError(
+                f"no complete forward pass recorded yet ({len(self._used)} of {self.num_layers} blocks ran since "
+                "the last model call); run the model before asking for the ratio loss"
+            )
+        return torch.stack([self._used[layer] for layer in range(self.num_layers)])

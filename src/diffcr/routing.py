@@ -1,0 +1,100 @@
+"""Token routing for one block: score, pick the top-k per sample, run the block on them, scatter back.
+
+Mixture-of-Depths routing (Raposo et al. 2024) as DiffCR applies it to DiT blocks (You et al., CVPR 2025).
+Pure torch: the block itself is passed in as a function, so this file knows no model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# block_fn(tokens, mlp_gate) -> block output for `tokens`; mlp_gate is (B, k, 1) or None.
+BlockFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def select_tokens(router_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """Per-sample top-`num_kept` token indices, sorted ascending (spatial order kept).
+
+    Args:
+        router_logits: (B, N) scores (higher = more worth computing).
+
+    Returns:
+        kept_idx: (B, num_kept) int64, unique and ascending in each row.
+    """
+    top = torch.topk(router_logits, num_kept, dim=1, sorted=False).indices  # (B, k)
+    kept_idx, _ = torch.sort(top, dim=1)  # (B, k)
+    return kept_idx
+
+
+def gather_tokens(tokens: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) x (B, k) -> (B, k, C)."""
+    index = kept_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, k, C)
+    return torch.gather(tokens, 1, index)
+
+
+def scatter_tokens(tokens: torch.Tensor, kept_idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of `tokens` (B, N, C) with rows `kept_idx` (B, k) replaced by `values` (B, k, C)."""
+    index = kept_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, k, C)
+    # under autocast a block may return another dtype than it got; widening keeps bypassed tokens exact
+    dtype = torch.promote_types(tokens.dtype, values.dtype)
+    return torch.scatter(tokens.to(dtype), 1, index, values.to(dtype))
+
+
+def gate_values(kept_logits: torch.Tensor, gate: str) -> torch.Tensor:
+    """The factor on each kept token's update, (B, k, 1), through which the router learns.
+
+    "straight_through": sigmoid(l) / stop_grad(sigmoid(l)), computed as exp(logsigmoid(l) - stop_grad(...)):
+    exactly 1.0 forward (no underflow to 0/0 for very negative logits) with the gradient of s / s.detach().
+    "sigmoid_block" / "sigmoid_mlp": sigmoid(l), as in the paper and the authors' pseudocode.
+    """
+    if gate == "straight_through":
+        log_scores = F.logsigmoid(kept_logits)  # (B, k)
+        factor = torch.exp(log_scores - log_scores.detach())  # (B, k), == 1.0
+    else:
+        factor = torch.sigmoid(kept_logits)  # (B, k)
+    return factor.unsqueeze(-1)  # (B, k, 1)
+
+
+def routed_forward(tokens: torch.Tensor, router_logits: torch.Tensor | None, num_kept: int, block_fn: BlockFn,
+                   gate: str, as_update: bool) -> torch.Tensor:
+    """Run a block on the top-`num_kept` tokens of each sample; bypassed tokens pass through unchanged.
+
+    Args:
+        tokens: (B, N, C) block input.
+        router_logits: (B, N), or None when num_kept is 0 or N (no router call is needed then).
+        num_kept: tokens computed per sample, 0..N.
+        block_fn: the block, run on a (B, k, C) subset.
+        gate: the `DiffCRConfig.gate` mode.
+        as_update: return the update (output - input, zero on bypassed tokens) instead of the output,
+            for blending several bins.
+
+    Returns:
+        (B, N, C): the block output, or its update.
+    """
+    num_tokens = tokens.shape[1]
+    # 1. whole-block skip and dense pass: no router, no gather
+    if num_kept == 0:
+        return torch.zeros_like(tokens) if as_update else tokens
+    if num_kept >= num_tokens:
+        dense_out = block_fn(tokens, None)  # (B, N, C)
+        return dense_out - tokens if as_update else dense_out
+    # 2. pick and gather
+    kept_idx = select_tokens(router_logits, num_kept)  # (B, k)
+    kept_tokens = gather_tokens(tokens, kept_idx)  # (B, k, C)
+    kept_logits = torch.gather(router_logits, 1, kept_idx)  # (B, k)
+    # 3. the block on the kept tokens alone
+    mlp_gate = gate_values(kept_logits, gate) if gate == "sigmoid_mlp" else None  # (B, k, 1)
+    kept_out = block_fn(kept_tokens, mlp_gate)  # (B, k, C)
+    # 4. gate and scatter back; a straight-through gate is exactly 1, so with no gradient it can be skipped
+    if gate == "sigmoid_mlp" or (gate == "straight_through" and not torch.is_grad_enabled()):
+        kept_update = kept_out - kept_tokens if as_update else None
+    else:
+        kept_update = (kept_out - kept_tokens) * gate_values(kept_logits, gate)  # (B, k, C)
+    if as_update:
+        return scatter_tokens(torch.zeros_like(tokens), kept_idx, kept_update)
+    if kept_update is None:
+        return scatter_tokens(tokens, kept_idx, kept_out)
+    return scatter_tokens(tokens, kept_idx, kept_tokens + kept_update)

@@ -1,0 +1,421 @@
+"""One training loop for pretraining a base DiT and for compressing it with DiffCR, on accelerate.
+
+The loop reads top to bottom: pick the step's samples, noise them, predict, add the ratio loss, step.
+Everything random in a step (which images, which timesteps, which labels are dropped, the noise) is drawn
+from a generator seeded by (seed, step) for the *global* batch, and each process takes its shard of it. So a
+resumed run repeats exactly the steps the uninterrupted run would have taken, and N processes see the same
+samples as one process does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffcr.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_from_tensors,
+    save_checkpoint,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAIN_MODES = ("pretrain", "routers", "lora", "full")
+LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `mode`: "pretrain" (dense, no DiffCR), "routers" (routers and ratios only), "lora"
+    (peft LoRA on the blocks plus routers and ratios) or "full" (everything)."""
+
+    mode: str = "full"
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-4
+    router_lr: float = 1e-3
+    ratio_lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    label_drop_prob: float = 0.1
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 100
+    seed: int = 0
+    distill: bool = False
+    lora_rank: int = 32
+    max_minutes: float | None = None
+    num_threads: int | None = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAIN_MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {TRAIN_MODES}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; use 'auto', 'no', 'bf16' or 'fp16'")
+        for name in ("steps", "batch_size", "checkpoint_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.label_drop_prob < 1.0:
+            raise ValueError(f"label_drop_prob={self.label_drop_prob} must be in [0, 1)")
+        if self.distill and self.mode == "pretrain":
+            raise ValueError("distill needs a DiffCR mode (routers, lora or full): pretraining has no teacher")
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**payload)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: torch.nn.Module
+    steps_done: int
+    seconds: float
+
+
+def disable_label_dropout(model: torch.nn.Module) -> None:
+    """Stop diffusers' DiT blocks from dropping class labels on their own in train mode.
+
+    Each DiT block's label embedder drops labels independently (10 %) when training, so different blocks
+    would see different labels for one sample; the loop drops labels once, for the whole model, instead.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "LabelEmbedding":
+            module.dropout_prob = 0.0
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """"auto" means bf16 on CUDA and fp32 elsewhere: CPUs without native bf16 emulate it, which was 7x
+    slower than fp32 on the 2-core AMD EPYC (AVX2) development machine."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def draw_global_batch(step: int, cfg: TrainConfig, num_images: int, image_shape, num_train_timesteps: int,
+                      null_class: int | None):
+    """Everything random in one step for the whole (global) batch: a dict of CPU tensors."""
+    gen = _step_generator(cfg.seed, step)
+    batch = cfg.batch_size
+    image_idx = torch.randint(num_images, (batch,), generator=gen)
+    timesteps = torch.randint(num_train_timesteps, (batch,), generator=gen)
+    noise = torch.randn((batch, *image_shape), generator=gen)
+    drop = torch.rand(batch, generator=gen) < cfg.label_drop_prob
+    return {"image_idx": image_idx, "timesteps": timesteps, "noise": noise, "drop": drop,
+            "null_class": null_class}
+
+
+def _shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    if tensor.shape[0] % world:
+        raise ValueError(f"batch size {tensor.shape[0]} is not divisible by the {world} processes")
+    per = tensor.shape[0] // world
+    return tensor[rank * per:(rank + 1) * per]
+
+
+def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the model must predict, by the scheduler's own `prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(sample, noise, timesteps)
+    if kind == "sample":
+        return sample
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def model_prediction(model, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None):
+    """The model's prediction with learned-sigma channels (if any) dropped: (B, C, H, W)."""
+    out = model(noisy, timestep=timesteps, class_labels=labels).sample
+    return out[:, : noisy.shape[1]]
+
+
+def _lr_factor(step: int, warmup_steps: int) -> float:
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def _build_optimizer(model, cfg: TrainConfig):
+    """AdamW with separate groups: base weights (or LoRA), routers, and ratios (own lr, never decayed)."""
+    groups = []
+    if cfg.mode != "pretrain":
+        import diffcr
+
+        parts = diffcr.parameter_groups(model)
+        groups.append({"params": parts["router"], "lr": cfg.router_lr, "weight_decay": cfg.weight_decay,
+                       "name": "router"})
+        # decoupled weight decay would pull kept ratios toward 0, i.e. toward more compression
+        groups.append({"params": parts["ratio"], "lr": cfg.ratio_lr, "weight_decay": 0.0, "name": "ratio"})
+        base = [p for p in parts["base"] if p.requires_grad]
+    else:
+        base = [p for p in model.parameters() if p.requires_grad]
+    if base:
+        groups.insert(0, {"params": base, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "base"})
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+
+def prepare_model(base_model, cfg: TrainConfig, diffcr_config=None):
+    """Set up what trains: DiffCR attached (unless pretraining), LoRA injected in "lora" mode, and
+    `requires_grad` set by mode. Returns the model (changed in place)."""
+    disable_label_dropout(base_model)
+    if cfg.mode == "pretrain":
+        base_model.requires_grad_(True)
+        return base_model
+    import diffcr
+
+    if not diffcr.is_applied(base_model):
+        diffcr.apply(base_model, diffcr_config or diffcr.DiffCRConfig())
+    parts = diffcr.parameter_groups(base_model)
+    for param in parts["base"]:
+        param.requires_grad_(cfg.mode == "full")
+    if cfg.mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS)
+        inject_adapter_in_model(lora, base_model)
+        for name, param in base_model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+    for param in parts["router"] + parts["ratio"]:
+        param.requires_grad_(True)
+    return base_model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diffcr_config=None,
+          scheduler=None, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train `base_model` (pretraining or DiffCR compression) and write checkpoints to `run_dir`.
+
+    Args:
+        run_dir: folder for `run.json`, `metrics.jsonl` and `checkpoint-*` (created if missing).
+        base_model: a diffusers DiT; changed in place (DiffCR attached for compression modes).
+        train_dataset: an `ImageDataset` (images in [-1, 1], labels).
+        cfg: the `TrainConfig`.
+        diffcr_config: the `DiffCRConfig` for compression modes (default `DiffCRConfig()`).
+        scheduler: the diffusers noise scheduler defining the forward process (default: the base recipe's).
+        resume: continue from `run_dir`'s latest checkpoint, bit for bit.
+
+    Returns:
+        A `TrainResult` with the trained model (unwrapped) and the number of steps done.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite (the last checkpoint is intact).
+        FileExistsError: `run_dir` already holds a run and `resume` is False.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from diffcr.models.tiny_dit import build_scheduler
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run (at {ckpt.name}); pass resume=True / --resume "
+                              "to continue it, or choose another run directory")
+    if resume and ckpt is not None:
+        saved = json.loads((run_dir / "run.json").read_text())
+        if saved["train"] != asdict(cfg):
+            raise ValueError(f"cannot resume {run_dir}: its run.json train config differs from this one; "
+                             f"saved {saved['train']}, given {asdict(cfg)}")
+
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    scheduler = scheduler or build_scheduler("ddpm")
+    num_train_timesteps = scheduler.config.num_train_timesteps
+
+    teacher = None
+    if cfg.distill:
+        teacher = copy.deepcopy(base_model).eval().requires_grad_(False).to(accelerator.device)
+    model = prepare_model(base_model, cfg, diffcr_config)
+    routed = cfg.mode != "pretrain"
+    if routed:
+        import diffcr
+
+        diffcr_config = diffcr.get_config(model)
+        ratio_weight = diffcr_config.ratio_loss_weight
+    optimizer = _build_optimizer(model, cfg)
+
+    start_step = 0
+    if resume and ckpt is not None:
+        trainable, opt_tensors, opt_described, meta = load_checkpoint(ckpt)
+        missing = set(trainable_state(model)) ^ set(trainable)
+        if missing:
+            raise ValueError(f"checkpoint {ckpt} does not match this model/mode; differing tensors: "
+                             f"{sorted(missing)[:8]}")
+        with torch.no_grad():
+            for name, param in trainable_state(model).items():
+                param.copy_(trainable[name])
+        optimizer.load_state_dict(optimizer_from_tensors(opt_tensors, opt_described))
+        start_step = meta["step"]
+        logger.info("resumed %s at step %d", run_dir, start_step)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "run.json", {
+            "train": asdict(cfg),
+            "diffcr": diffcr_config.to_dict() if routed else None,
+            "model_class": type(base_model).__name__,
+            "model_config": dict(base_model.config),
+            "scheduler_config": dict(scheduler.config),
+            "num_train_images": len(train_dataset),
+        })
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    images = train_dataset.images
+    labels_all = train_dataset.labels
+    image_shape = tuple(images.shape[1:])
+    from diffcr.models.tiny_dit import null_class_id
+
+    null_class = null_class_id(base_model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
+               desc=cfg.mode, dynamic_ncols=True)
+    started = time.perf_counter()
+    step = start_step
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    try:
+        while step < cfg.steps:
+            # 1. the step's samples: each process takes its shard of the global batch
+            drawn = draw_global_batch(step, cfg, len(images), image_shape, num_train_timesteps, null_class)
+            idx = _shard(drawn["image_idx"], rank, world)
+            clean = images[idx].to(device)  # (b, C, H, W)
+            noise = _shard(drawn["noise"], rank, world).to(device)
+            timesteps = _shard(drawn["timesteps"], rank, world).to(device)  # (b,)
+            labels = labels_all[idx].to(device)
+            labels = torch.where(_shard(drawn["drop"], rank, world).to(device), null_class, labels)
+            noisy = scheduler.add_noise(clean, noise, timesteps)
+
+            # 2. the loss: diffusion (or distillation) + lambda * ratio loss
+            if teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    target = model_prediction(teacher, noisy, timesteps, labels).float()
+            else:
+                target = diffusion_target(scheduler, clean, noise, timesteps)
+            with accelerator.autocast():
+                prediction = model_prediction(model, noisy, timesteps, labels)
+            diffusion_loss = F.mse_loss(prediction.float(), target)
+            loss = diffusion_loss
+            ratio_loss = mean_kept = None
+            if routed:
+                unwrapped = accelerator.unwrap_model(model)
+                ratio_loss = diffcr.ratio_loss(unwrapped)
+                mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
+                loss = diffusion_loss + ratio_weight * ratio_loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {step}; stopped without saving. The last good checkpoint "
+                    f"in {run_dir} is intact: lower the learning rates or use --mixed-precision no, then --resume"
+                )
+
+            # 3. the update
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg.warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+
+            # 4. logging and checkpoints
+            row = {"step": step, "loss": loss.item(), "diffusion_loss": diffusion_loss.item(),
+                   "seconds": round(time.perf_counter() - started, 3)}
+            if routed:
+                row["ratio_loss"] = ratio_loss.item()
+                row["mean_kept_ratio"] = float(mean_kept)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            postfix = {"loss": f"{row['diffusion_loss']:.4f}"}
+            if routed:
+                postfix.update(ratio=f"{row['ratio_loss']:.4f}", kept=f"{row['mean_kept_ratio']:.3f}")
+            bar.set_postfix(postfix)
+            bar.update(1)
+            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) > cfg.max_minutes * 60
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+                _checkpoint(accelerator, run_dir, step, model, optimizer, cfg)
+            if out_of_time:
+                logger.info("stopping at step %d: max_minutes=%s reached", step, cfg.max_minutes)
+                break
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, accelerator.unwrap_model(model), step, time.perf_counter() - started)
+
+
+def _checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, cfg: TrainConfig) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tensors = trainable_state(accelerator.unwrap_model(model))
+        save_checkpoint(run_dir, step, tensors, optimizer, {"train": asdict(cfg)})
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """Keep only rows with step <= upto_step, so a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= upto_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def export_model(model, out_dir: str | Path) -> Path:
+    """Save a (dense) base model as a diffusers folder, through a temporary folder renamed into place."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def estimate_steps(minutes: float, seconds_per_step: float) -> int:
+    return max(1, math.floor(minutes * 60 / seconds_per_step))

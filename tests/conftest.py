@@ -1,0 +1,100 @@
+"""Tiny random diffusers models built from config, and their inputs. Everything runs on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def tiny_dit(num_layers: int = 3, seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=2, num_layers=num_layers,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+    )
+    # adaLN-Zero starts every block as the identity; random modulation makes the tests see real blocks
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.norm1.linear.weight.normal_(0, 0.3)
+            block.norm1.linear.bias.normal_(0, 0.3)
+            # in train mode each diffusers DiT block drops labels on its own; tests compare train and eval
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return model.eval()
+
+
+def tiny_pixart(num_layers: int = 3, seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12, norm_num_groups=2,
+    )
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.scale_shift_table.normal_(0, 0.3)
+        model.adaln_single.linear.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+class DiTCase:
+    name = "dit"
+    num_tokens = 16
+
+    @staticmethod
+    def model(num_layers: int = 3, seed: int = 0):
+        return tiny_dit(num_layers, seed)
+
+    @staticmethod
+    def inputs(timesteps, seed: int = 1, cfg: bool = False) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        timesteps = torch.as_tensor(timesteps)
+        batch = timesteps.shape[0]
+        labels = torch.randint(0, 10, (batch,), generator=gen)
+        if cfg:  # the conditional half, then the same noise with the null class
+            half = batch // 2
+            labels[half:] = 10
+        x = torch.randn(batch, 2, 8, 8, generator=gen)
+        if cfg:
+            x[batch // 2:] = x[: batch // 2]
+        return {"hidden_states": x, "timestep": timesteps, "class_labels": labels}
+
+
+class PixArtCase:
+    name = "pixart"
+    num_tokens = 16
+
+    @staticmethod
+    def model(num_layers: int = 3, seed: int = 0):
+        return tiny_pixart(num_layers, seed)
+
+    @staticmethod
+    def inputs(timesteps, seed: int = 1, cfg: bool = False) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        timesteps = torch.as_tensor(timesteps)
+        batch = timesteps.shape[0]
+        x = torch.randn(batch, 4, 8, 8, generator=gen)
+        text = torch.randn(batch, 5, 12, generator=gen)
+        mask = torch.ones(batch, 5)
+        mask[:, 3:] = 0  # padded text tokens the model must ignore
+        if cfg:  # second half: the same latents, an "empty prompt"
+            x[batch // 2:] = x[: batch // 2]
+            text[batch // 2:] = 0
+        return {"hidden_states": x, "timestep": timesteps, "encoder_hidden_states": text,
+                "encoder_attention_mask": mask, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+CASES = [DiTCase, PixArtCase]
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request):
+    return request.param
+
+
+def run(model, inputs: dict) -> torch.Tensor:
+    return model(**inputs).sample

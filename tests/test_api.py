@@ -1,0 +1,449 @@
+"""Conformance suite every adapter passes: each test runs on tiny DiT and PixArt models (the `case` fixture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffcr
+from conftest import run
+from diffcr import DiffCRConfig
+
+T_MIXED = [10, 300, 600, 900]  # one sample in each of 4 regions of [0, 1000)
+
+
+def set_kept(model, table) -> None:
+    with torch.no_grad():
+        model.diffcr.kept_ratio.copy_(torch.as_tensor(table, dtype=torch.float32).expand_as(model.diffcr.kept_ratio))
+
+
+def count_block_tokens(model):
+    """Record the token count every block's self-attention sees, per block call."""
+    seen: list[tuple[int, int, int]] = []
+    for layer, block in enumerate(model.transformer_blocks):
+        block.attn1.register_forward_pre_hook(
+            lambda mod, args, kwargs, layer=layer: seen.append((layer, args[0].shape[0], args[0].shape[1])),
+            with_kwargs=True,
+        )
+    return seen
+
+
+# -- equivalence at kept ratio 1.0 -------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg_batch"])
+@pytest.mark.parametrize("train_mode", [False, True], ids=["eval", "train"])
+def test_kept_ratio_one_matches_unpatched_model(case, cfg, train_mode):
+    model = case.model()
+    inputs = case.inputs(T_MIXED, cfg=cfg)
+    with torch.no_grad():
+        reference = run(model, inputs)
+    diffcr.apply(model, DiffCRConfig(target_kept_ratio=0.5))
+    model.train(train_mode)
+    with torch.no_grad():
+        routed = run(model, inputs)
+    if train_mode:  # the 1.0 bin blended with weight 1 (and the 0.9 bin with weight 0)
+        torch.testing.assert_close(routed, reference, atol=1e-6, rtol=0)
+    else:  # no router call, no gather: the model's own blocks
+        assert torch.equal(routed, reference)
+
+
+def test_remove_restores_exactly(case):
+    model = case.model()
+    inputs = case.inputs(T_MIXED)
+    keys = list(model.state_dict())
+    classes = [type(b) for b in model.transformer_blocks]
+    with torch.no_grad():
+        reference = run(model, inputs)
+    diffcr.apply(model, DiffCRConfig())
+    set_kept(model, 0.5)
+    with torch.no_grad():
+        assert not torch.equal(run(model, inputs), reference)
+    assert [k for k in model.state_dict() if not k.startswith("diffcr.")] == keys
+    diffcr.remove(model)
+    assert list(model.state_dict()) == keys
+    assert [type(b) for b in model.transformer_blocks] == classes
+    assert not model._forward_pre_hooks
+    assert not diffcr.is_applied(model)
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), reference)
+    diffcr.apply(model, DiffCRConfig())  # and it can be applied again
+    assert diffcr.is_applied(model)
+
+
+def test_apply_twice_raises(case):
+    model = diffcr.apply(case.model())
+    with pytest.raises(ValueError, match="already applied"):
+        diffcr.apply(model)
+
+
+def test_failed_apply_leaves_model_untouched(case, monkeypatch):
+    model = case.model()
+    keys = list(model.state_dict())
+    classes = [type(b) for b in model.transformer_blocks]
+    real = diffcr.api.routed_class
+    calls = []
+
+    def fails_on_second_block(cls):
+        calls.append(cls)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure half-way through apply")
+        return real(cls)
+
+    monkeypatch.setattr(diffcr.api, "routed_class", fails_on_second_block)
+    with pytest.raises(RuntimeError, match="simulated"):
+        diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp"))
+    assert list(model.state_dict()) == keys
+    assert [type(b) for b in model.transformer_blocks] == classes
+    assert not model._forward_pre_hooks
+    assert all(not b.ff._forward_hooks for b in model.transformer_blocks)
+    assert all("_diffcr_controller" not in b.__dict__ for b in model.transformer_blocks)
+    assert not diffcr.is_applied(model)
+
+
+def test_unsupported_model_names_supported_classes():
+    with pytest.raises(TypeError, match="DiTTransformer2DModel.*PixArtTransformer2DModel"):
+        diffcr.apply(torch.nn.Linear(2, 2))
+
+
+# -- token counts, bypass, per-sample selection ------------------------------------------------------------
+@pytest.mark.parametrize("kept", [0.5, 0.3, 0.8])
+def test_blocks_see_exactly_num_kept_tokens(case, kept):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1))
+    set_kept(model, kept)
+    seen = count_block_tokens(model)
+    with torch.no_grad():
+        run(model, case.inputs([100, 700]))
+    expected = -(-int(kept * 10) * case.num_tokens // 10)
+    assert seen == [(layer, 2, expected) for layer in range(3)]
+
+
+def test_bypassed_tokens_untouched_and_kept_idx_sorted(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1))
+    set_kept(model, 0.5)
+    block = model.transformer_blocks[1]
+    captured = {}
+
+    def capture_in(mod, args, kwargs):
+        captured["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    def capture_out(mod, args, kwargs, output):
+        captured["output"] = output.clone()
+
+    block.register_forward_pre_hook(capture_in, with_kwargs=True)
+    block.register_forward_hook(capture_out, with_kwargs=True)
+    with torch.no_grad():
+        run(model, case.inputs([100, 700, 300]))
+    x, y = captured["input"], captured["output"]
+    logits = model.diffcr.routers[1](x).squeeze(-1)
+    kept_idx = diffcr.routing.select_tokens(logits, case.num_tokens // 2)
+    for b in range(x.shape[0]):
+        assert torch.equal(kept_idx[b], kept_idx[b].unique(sorted=True))
+        mask = torch.zeros(case.num_tokens, dtype=torch.bool)
+        mask[kept_idx[b]] = True
+        assert torch.equal(y[b, ~mask], x[b, ~mask])  # bit for bit
+        assert not torch.allclose(y[b, mask], x[b, mask])  # computed
+
+
+def test_selection_is_per_sample(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1))
+    set_kept(model, 0.5)
+    inputs = case.inputs([100, 700, 300], cfg=False)
+    with torch.no_grad():
+        together = run(model, inputs)
+        for b in range(3):
+            alone = run(model, _take(inputs, [b]))
+            torch.testing.assert_close(alone[0], together[b], atol=1e-6, rtol=0)
+
+
+def test_cfg_batch_routes_each_half_on_its_own(case):
+    model = diffcr.apply(case.model(), DiffCRConfig())
+    set_kept(model, [[0.9, 0.7, 0.5, 0.3]])
+    inputs = case.inputs([100, 700, 100, 700], cfg=True)
+    with torch.no_grad():
+        stacked = run(model, inputs)
+        cond = run(model, _take(inputs, [0, 1]))
+        uncond = run(model, _take(inputs, [2, 3]))
+    torch.testing.assert_close(stacked, torch.cat([cond, uncond]), atol=1e-6, rtol=0)
+
+
+def _take(inputs: dict, idx: list[int]) -> dict:
+    out = {}
+    for key, value in inputs.items():
+        out[key] = value[idx] if torch.is_tensor(value) else value
+    return out
+
+
+# -- timestep regions ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("train_mode", [False, True], ids=["eval", "train"])
+def test_mixed_region_batch_equals_per_sample_runs(case, train_mode):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4))
+    set_kept(model, [[1.0, 0.75, 0.45, 0.2]])
+    model.train(train_mode)
+    inputs = case.inputs(T_MIXED)
+    with torch.no_grad():
+        together = run(model, inputs)
+        for b in range(4):
+            alone = run(model, _take(inputs, [b]))
+            torch.testing.assert_close(alone[0], together[b], atol=1e-6, rtol=0)
+
+
+def test_regions_use_their_own_num_kept(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2, ratio_bins=(1.0, 0.75, 0.5, 0.25)))
+    set_kept(model, [[0.75, 0.25]])
+    seen = count_block_tokens(model)
+    with torch.no_grad():
+        run(model, case.inputs([100, 900]))  # region 0 and region 1
+    assert sorted(seen) == sorted([(layer, 1, 12) for layer in range(3)] + [(layer, 1, 4) for layer in range(3)])
+    assert model.diffcr.used_kept_ratio().tolist() == [[0.75, 0.25]] * 3
+
+
+def test_timestep_range_comes_from_config(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2, num_train_timesteps=100,
+                                                    ratio_bins=(1.0, 0.75, 0.5, 0.25)))
+    set_kept(model, [[0.75, 0.25]])
+    with torch.no_grad():
+        run(model, case.inputs([40, 60]))
+    assert model.diffcr.used_kept_ratio()[0].tolist() == [0.75, 0.25]
+
+
+# -- interpolation and gradients -----------------------------------------------------------------------------
+def test_interpolation_blends_the_two_nearest_bins(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1, ratio_bins=(1.0, 0.9, 0.8, 0.7)))
+    inputs = case.inputs([100, 700])
+    block_out = {}
+    model.transformer_blocks[1].register_forward_hook(lambda m, a, out: block_out.__setitem__("y", out))
+    single = {}
+    for kept in (0.9, 0.8):  # block 1 alone at each bin, one pass (eval)
+        set_kept(model, [[1.0], [kept], [1.0]])
+        with torch.no_grad():
+            run(model.eval(), inputs)
+        single[kept] = block_out["y"]
+    set_kept(model, [[1.0], [0.85], [1.0]])
+    with torch.no_grad():
+        run(model.train(), inputs)
+    torch.testing.assert_close(block_out["y"], 0.5 * single[0.9] + 0.5 * single[0.8], atol=1e-6, rtol=0)
+    assert not torch.allclose(single[0.9], single[0.8])
+
+
+@pytest.mark.parametrize("gate", ["straight_through", "sigmoid_block", "sigmoid_mlp"])
+def test_gradients_reach_router_and_ratios_not_frozen_base(case, gate):
+    model = diffcr.apply(case.model(), DiffCRConfig(gate=gate, timestep_regions=2, target_kept_ratio=0.5))
+    groups = diffcr.parameter_groups(model)
+    for param in groups["base"]:
+        param.requires_grad_(False)
+    set_kept(model, [[0.85, 0.55]])
+    model.train()
+    out = run(model, case.inputs([100, 700, 200]))
+    loss = out.pow(2).mean() + 0.3 * diffcr.ratio_loss(model)
+    loss.backward()
+    for router in model.diffcr.routers:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert model.diffcr.kept_ratio.grad is not None
+    assert (model.diffcr.kept_ratio.grad != 0).all()
+    assert all(p.grad is None for p in groups["base"])
+    ids = {id(p) for g in groups.values() for p in g}
+    assert len(ids) == sum(1 for _ in model.parameters())
+
+
+def test_ratio_loss_is_squared_gap_of_used_ratios(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2, target_kept_ratio=0.5))
+    set_kept(model, [[0.9, 0.3], [0.8, 0.4], [0.7, 0.6]])
+    model.train()
+    run(model, case.inputs([100, 100, 900]))
+    used = torch.tensor([[0.9, 0.9, 0.3], [0.8, 0.8, 0.4], [0.7, 0.7, 0.6]])
+    assert diffcr.ratio_loss(model).item() == pytest.approx((used.mean().item() - 0.5) ** 2)
+    assert diffcr.ratio_loss(model, target=0.9).item() == pytest.approx((used.mean().item() - 0.9) ** 2)
+    assert diffcr.mean_kept_ratio_used(model) == pytest.approx(used.mean().item())
+
+
+def test_ratio_loss_before_forward_raises(case):
+    model = diffcr.apply(case.model())
+    with pytest.raises(RuntimeError, match="no complete forward"):
+        diffcr.ratio_loss(model)
+
+
+def test_sigmoid_mlp_scales_only_the_mlp_update(case):
+    model = case.model()
+    reference = case.model()
+    diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp", timestep_regions=1))
+    with torch.no_grad():
+        model.diffcr.routers[0].weight.zero_()  # every score sigmoid(0) = 0.5
+    set_kept(model, [[0.5], [1.0], [1.0]])
+    inputs = case.inputs([100, 700])
+    # the reference: block 0 on the same kept tokens, its MLP output halved by a hook
+    block = reference.transformer_blocks[0]
+    with torch.no_grad():
+        routed = run(model, inputs)
+        captured = {}
+        block.register_forward_pre_hook(
+            lambda m, a, k: captured.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True)
+        run(reference, inputs)
+    x = captured["x"]
+    kept_idx = diffcr.routing.select_tokens(torch.zeros(x.shape[:2]), case.num_tokens // 2)
+    handle = block.ff.register_forward_hook(lambda m, a, out: out * 0.5)
+    block_out = {}
+
+    def replace_block0(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kept = diffcr.routing.gather_tokens(hidden, kept_idx)
+        new = type(mod).forward(mod, kept, *args[1:], **kwargs)
+        block_out["y"] = diffcr.routing.scatter_tokens(hidden, kept_idx, new)
+
+    hook = block.register_forward_pre_hook(replace_block0, with_kwargs=True)
+    with torch.no_grad():
+        run(reference, inputs)
+    handle.remove()
+    hook.remove()
+    # feed the manual block-0 output through the rest of the reference model and compare
+    with torch.no_grad():
+        block.forward = lambda *a, **k: block_out["y"]
+        manual = run(reference, inputs)
+    torch.testing.assert_close(routed, manual, atol=1e-6, rtol=0)
+
+
+# -- eval mode, freeze, save / load --------------------------------------------------------------------------
+@pytest.mark.parametrize("use_freeze", [False, True], ids=["eval", "freeze"])
+def test_inference_runs_one_pass_at_the_nearest_bin(case, use_freeze):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1))
+    set_kept(model, [[0.83], [0.46], [0.97]])
+    if use_freeze:
+        diffcr.freeze(model)
+        model.train()  # a frozen schedule ignores train mode
+    else:
+        model.eval()
+    seen = count_block_tokens(model)
+    with torch.no_grad():
+        run(model, case.inputs([100, 700]))
+    assert seen == [(0, 2, 13), (1, 2, 8), (2, 2, 16)]  # bins 0.8, 0.5, 1.0 of 16 tokens
+    assert diffcr.schedule(model).kept_ratio == [[0.8], [0.5], [1.0]]
+
+
+def test_freeze_stops_gradients_and_schedule_prints(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2))
+    set_kept(model, [[0.83, 0.3]])
+    diffcr.freeze(model)
+    assert not any(p.requires_grad for p in model.diffcr.parameters())
+    text = str(diffcr.schedule(model))
+    assert "t 0-499" in text and "t 500-999" in text and "0.80" in text and "0.30" in text
+    assert diffcr.schedule(model).mean_kept_ratio == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_save_load_round_trip(case, tmp_path, frozen):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2, gate="sigmoid_block"))
+    set_kept(model, [[0.66, 0.31], [0.9, 0.5], [1.0, 0.2]])
+    with torch.no_grad():
+        for router in model.diffcr.routers:
+            router.weight.normal_()
+    if frozen:
+        diffcr.freeze(model)
+    inputs = case.inputs(T_MIXED)
+    with torch.no_grad():
+        expected = run(model.eval(), inputs)
+    diffcr.save(model, tmp_path / "art")
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["diffcr_config.json", "diffcr_weights.safetensors"]
+    fresh = diffcr.load(case.model(), tmp_path / "art")
+    assert diffcr.is_frozen(fresh) == frozen
+    assert diffcr.get_config(fresh) == diffcr.get_config(model).replace(num_train_timesteps=1000)
+    with torch.no_grad():
+        assert torch.equal(run(fresh.eval(), inputs), expected)
+
+
+def test_artifact_holds_only_diffcr_tensors(case, tmp_path):
+    from safetensors.torch import load_file
+
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4))
+    diffcr.save(model, tmp_path)
+    tensors = load_file(str(tmp_path / "diffcr_weights.safetensors"))
+    assert set(tensors) == {f"routers.{i}.weight" for i in range(3)} | {"kept_ratio"}
+    assert tensors["kept_ratio"].shape == (3, 4)
+
+
+def test_load_rejects_another_model(case, tmp_path):
+    diffcr.save(diffcr.apply(case.model(num_layers=3)), tmp_path)
+    other = case.model(num_layers=2)
+    with pytest.raises(ValueError, match="num_layers: artifact 3, model 2"):
+        diffcr.load(other, tmp_path)
+    assert not diffcr.is_applied(other)
+
+
+def test_load_rejects_another_family(tmp_path):
+    from conftest import DiTCase, PixArtCase
+
+    diffcr.save(diffcr.apply(DiTCase.model()), tmp_path)
+    with pytest.raises(ValueError, match="model_class: artifact 'DiTTransformer2DModel'"):
+        diffcr.load(PixArtCase.model(), tmp_path)
+
+
+def test_load_rejects_truncated_file(case, tmp_path):
+    diffcr.save(diffcr.apply(case.model()), tmp_path)
+    weights = tmp_path / "diffcr_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    model = case.model()
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        diffcr.load(model, tmp_path)
+    assert not diffcr.is_applied(model)
+
+
+def test_load_rejects_newer_version(case, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    diffcr.save(diffcr.apply(case.model()), tmp_path)
+    weights = tmp_path / "diffcr_weights.safetensors"
+    description = json.loads((tmp_path / "diffcr_config.json").read_text())
+    description["config"]["_version"] = 99
+    save_file(load_file(str(weights)), str(weights), metadata={"diffcr": json.dumps(description)})
+    with pytest.raises(ValueError, match="newer than this diffcr"):
+        diffcr.load(case.model(), tmp_path)
+
+
+def test_load_missing_artifact(case, tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffcr_weights.safetensors is missing"):
+        diffcr.load(case.model(), tmp_path)
+
+
+# -- training plumbing ---------------------------------------------------------------------------------------
+def test_gradient_checkpointing_keeps_working(case):
+    inputs = case.inputs(T_MIXED)
+    results = []
+    for checkpointing in (False, True):
+        model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4))
+        set_kept(model, [[0.95, 0.75, 0.45, 0.2]])
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        out = run(model, inputs)
+        (out.pow(2).mean() + diffcr.ratio_loss(model)).backward()
+        grads = (model.diffcr.kept_ratio.grad.clone(), model.diffcr.routers[2].weight.grad.clone())
+        results.append((out.detach(), *grads))
+    for plain, ckpt in zip(*results):
+        torch.testing.assert_close(plain, ckpt, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_forward_is_finite(case):
+    model = diffcr.apply(case.model(), DiffCRConfig())
+    set_kept(model, [[1.0, 0.7, 0.5, 0.3]])
+    for mode in (True, False):
+        model.train(mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            out = run(model, case.inputs(T_MIXED))
+        assert torch.isfinite(out).all()
+        assert torch.isfinite(diffcr.ratio_loss(model))
+
+
+def test_whole_block_skip_with_zero_bin(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1, ratio_bins=(1.0, 0.5, 0.0)))
+    set_kept(model, [[1.0], [0.0], [1.0]])
+    seen = count_block_tokens(model)
+    with torch.no_grad():
+        run(model, case.inputs([100, 700]))
+    assert [layer for layer, _, _ in seen] == [0, 2]
+
+
+def test_regions_need_a_timestep(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4))
+    inputs = case.inputs([100, 700])
+    inputs["timestep"] = None
+    with pytest.raises(ValueError, match="needs the timestep"):
+        run(model, inputs)

@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffcr import DiffCRConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_kept_ratio": 0.0}, r"target_kept_ratio=0.0 is outside \(0, 1\]"),
+        ({"target_kept_ratio": 1.2}, r"target_kept_ratio=1.2 is outside \(0, 1\]"),
+        ({"ratio_bins": (1.0, 1.5, 0.5)}, r"outside \[0, 1\]: \[1.5\]"),
+        ({"ratio_bins": (1.0, -0.1)}, r"outside \[0, 1\]"),
+        ({"ratio_bins": (1.0, 0.5, 0.8)}, "must be sorted descending"),
+        ({"ratio_bins": (1.0, 0.5, 0.5)}, "has duplicates"),
+        ({"ratio_bins": (0.9, 0.5)}, "must start at 1.0"),
+        ({"ratio_bins": (1.0,)}, "at least two bins"),
+        ({"timestep_regions": 0}, "timestep_regions=0 must be an integer >= 1"),
+        ({"timestep_regions": 2.5}, "timestep_regions=2.5"),
+        ({"gate": "magic"}, "gate='magic' is not one of"),
+        ({"ratio_loss_weight": -1}, "ratio_loss_weight=-1"),
+        ({"init_kept_ratio": 0.05}, r"init_kept_ratio=0.05 must lie in \[0.1, 1.0\]"),
+    ],
+)
+def test_bad_config_raises_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiffCRConfig(**kwargs)
+
+
+def test_json_round_trip_and_version():
+    config = DiffCRConfig(target_kept_ratio=0.55, timestep_regions=4, ratio_bins=(1.0, 0.5, 0.0), gate="sigmoid_mlp")
+    payload = json.loads(config.to_json())
+    assert payload["_type"] == "DiffCRConfig" and payload["_version"] == 1
+    assert DiffCRConfig.from_json(config.to_json()) == config
+    assert DiffCRConfig.from_dict(payload) == config
+
+
+def test_unknown_keys_and_newer_versions_are_refused(tmp_path):
+    payload = DiffCRConfig().to_dict()
+    with pytest.raises(ValueError, match=r"unknown DiffCRConfig keys \['kept'\]"):
+        DiffCRConfig.from_dict({**payload, "kept": 0.5})
+    with pytest.raises(ValueError, match="_version=7 is not supported"):
+        DiffCRConfig.from_dict({**payload, "_version": 7})
+    with pytest.raises(ValueError, match="expected a DiffCRConfig"):
+        DiffCRConfig.from_dict({**payload, "_type": "Other"})
+    path = tmp_path / "c.json"
+    path.write_text(DiffCRConfig(target_kept_ratio=0.3).to_json())
+    assert DiffCRConfig.from_json(path).target_kept_ratio == 0.3
+
+
+def test_presets_load():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
+    assert presets
+    for preset in presets:
+        DiffCRConfig.from_json(preset)
+
+
+def test_import_diffcr_does_not_import_diffusers():
+    heavy = "('diffusers', 'accelerate', 'peft', 'transformers')"
+    code = f"import sys, diffcr; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

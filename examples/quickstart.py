@@ -26,10 +26,12 @@ diffcr.apply(model, config)
 groups = diffcr.parameter_groups(model)
 for param in groups["base"]:  # here only routers and ratios train; `diffcr compress` can also tune the base
     param.requires_grad_(False)
-optimizer = torch.optim.AdamW([
-    {"params": groups["router"], "lr": 1e-3},
-    {"params": groups["ratio"], "lr": 3e-2, "weight_decay": 0.0},  # never decay kept ratios
-])
+optimizer = torch.optim.AdamW(
+    [
+        {"params": groups["router"], "lr": 1e-3},
+        {"params": groups["ratio"], "lr": 3e-2, "weight_decay": 0.0},  # never decay kept ratios
+    ]
+)
 model.train()
 for step in range(20):
     idx = torch.randint(len(train), (8,))
@@ -43,8 +45,10 @@ for step in range(20):
     loss.backward()
     optimizer.step()
     if step % 5 == 4:
-        print(f"step {step + 1}: diffusion loss {diffusion_loss.item():.4f}, "
-              f"mean kept ratio {diffcr.mean_kept_ratio_used(model):.3f}")
+        print(
+            f"step {step + 1}: diffusion loss {diffusion_loss.item():.4f}, "
+            f"mean kept ratio {diffcr.mean_kept_ratio_used(model):.3f}"
+        )
 
 diffcr.freeze(model)
 print(diffcr.schedule(model))

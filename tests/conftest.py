@@ -13,8 +13,15 @@ def tiny_dit(num_layers: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=2, num_layers=num_layers,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=2,
+        out_channels=2,
+        num_layers=num_layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
     )
     # adaLN-Zero starts every block as the identity; random modulation makes the tests see real blocks
     with torch.no_grad():
@@ -31,8 +38,16 @@ def tiny_pixart(num_layers: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12, norm_num_groups=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=12,
+        norm_num_groups=2,
     )
     with torch.no_grad():
         for block in model.transformer_blocks:
@@ -60,7 +75,7 @@ class DiTCase:
             labels[half:] = 10
         x = torch.randn(batch, 2, 8, 8, generator=gen)
         if cfg:
-            x[batch // 2:] = x[: batch // 2]
+            x[batch // 2 :] = x[: batch // 2]
         return {"hidden_states": x, "timestep": timesteps, "class_labels": labels}
 
 
@@ -82,10 +97,15 @@ class PixArtCase:
         mask = torch.ones(batch, 5)
         mask[:, 3:] = 0  # padded text tokens the model must ignore
         if cfg:  # second half: the same latents, an "empty prompt"
-            x[batch // 2:] = x[: batch // 2]
-            text[batch // 2:] = 0
-        return {"hidden_states": x, "timestep": timesteps, "encoder_hidden_states": text,
-                "encoder_attention_mask": mask, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+            x[batch // 2 :] = x[: batch // 2]
+            text[batch // 2 :] = 0
+        return {
+            "hidden_states": x,
+            "timestep": timesteps,
+            "encoder_hidden_states": text,
+            "encoder_attention_mask": mask,
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
 
 
 CASES = [DiTCase, PixArtCase]

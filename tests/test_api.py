@@ -197,8 +197,9 @@ def test_regions_use_their_own_num_kept(case):
 
 
 def test_timestep_range_comes_from_config(case):
-    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2, num_train_timesteps=100,
-                                                    ratio_bins=(1.0, 0.75, 0.5, 0.25)))
+    model = diffcr.apply(
+        case.model(), DiffCRConfig(timestep_regions=2, num_train_timesteps=100, ratio_bins=(1.0, 0.75, 0.5, 0.25))
+    )
     set_kept(model, [[0.75, 0.25]])
     with torch.no_grad():
         run(model, case.inputs([40, 60]))
@@ -275,7 +276,8 @@ def test_sigmoid_mlp_scales_only_the_mlp_update(case):
         routed = run(model, inputs)
         captured = {}
         block.register_forward_pre_hook(
-            lambda m, a, k: captured.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True)
+            lambda m, a, k: captured.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
         run(reference, inputs)
     x = captured["x"]
     kept_idx = diffcr.routing.select_tokens(torch.zeros(x.shape[:2]), case.num_tokens // 2)

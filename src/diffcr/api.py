@@ -82,8 +82,10 @@ def apply(model, config: DiffCRConfig | None = None):
     if config.gate == "sigmoid_mlp":
         chunked = [i for i, b in enumerate(blocks) if getattr(b, "_chunk_size", None) is not None]
         if chunked:
-            raise ValueError(f"gate='sigmoid_mlp' cannot gate chunked feed-forward (blocks {chunked}); "
-                             "disable feed-forward chunking or use another gate")
+            raise ValueError(
+                f"gate='sigmoid_mlp' cannot gate chunked feed-forward (blocks {chunked}); "
+                "disable feed-forward chunking or use another gate"
+            )
     num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
     reference = next(model.parameters())
     controller = DiffCRController(config, len(blocks), adapter.hidden_size(model), num_train_timesteps)
@@ -110,8 +112,13 @@ def apply(model, config: DiffCRConfig | None = None):
     except BaseException:
         _undo(model, done)
         raise
-    logger.info("DiffCR applied to %s: %d blocks, %d timestep regions, target kept ratio %.3f",
-                type(model).__name__, len(blocks), config.timestep_regions, config.target_kept_ratio)
+    logger.info(
+        "DiffCR applied to %s: %d blocks, %d timestep regions, target kept ratio %.3f",
+        type(model).__name__,
+        len(blocks),
+        config.timestep_regions,
+        config.target_kept_ratio,
+    )
     return model
 
 
@@ -229,8 +236,12 @@ class Schedule:
         header = "layer | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in self.region_bounds)
         lines = [header, "-" * len(header)]
         for layer, row in enumerate(self.kept_ratio):
-            lines.append(f"{layer:5d} | " + " | ".join(f"{v:>{max(4, len(f't {lo}-{hi - 1}'))}.2f}"
-                                                       for v, (lo, hi) in zip(row, self.region_bounds)))
+            lines.append(
+                f"{layer:5d} | "
+                + " | ".join(
+                    f"{v:>{max(4, len(f't {lo}-{hi - 1}'))}.2f}" for v, (lo, hi) in zip(row, self.region_bounds)
+                )
+            )
         lines.append(f"mean kept ratio {self.mean_kept_ratio:.3f} (compression {1 - self.mean_kept_ratio:.1%})")
         return "\n".join(lines)
 
@@ -300,11 +311,15 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise ValueError(f"{weights} has no DiffCR description in its metadata; it was not written by diffcr.save")
     description = json.loads(metadata["diffcr"])
     if description.get("format", 0) > ARTIFACT_FORMAT:
-        raise ValueError(f"artifact format {description.get('format')} is newer than this diffcr reads "
-                         f"({ARTIFACT_FORMAT}); upgrade diffcr")
+        raise ValueError(
+            f"artifact format {description.get('format')} is newer than this diffcr reads "
+            f"({ARTIFACT_FORMAT}); upgrade diffcr"
+        )
     if description["config"].get("_version", 0) > CONFIG_VERSION:
-        raise ValueError(f"artifact config version {description['config'].get('_version')} is newer than this "
-                         f"diffcr reads ({CONFIG_VERSION}); upgrade diffcr")
+        raise ValueError(
+            f"artifact config version {description['config'].get('_version')} is newer than this "
+            f"diffcr reads ({CONFIG_VERSION}); upgrade diffcr"
+        )
     return description, tensors
 
 
@@ -322,20 +337,26 @@ def load(model, path: str | os.PathLike):
         "num_layers": len(adapter.blocks(model)),
         "hidden_size": adapter.hidden_size(model),
     }
-    mismatches = [f"{key}: artifact {description.get(key)!r}, model {value!r}"
-                  for key, value in expected.items() if description.get(key) != value]
+    mismatches = [
+        f"{key}: artifact {description.get(key)!r}, model {value!r}"
+        for key, value in expected.items()
+        if description.get(key) != value
+    ]
     if mismatches:
         raise ValueError(f"DiffCR artifact {path} does not fit this model: " + "; ".join(mismatches))
     config = DiffCRConfig.from_dict(description["config"]).replace(
-        num_train_timesteps=description["num_train_timesteps"])
+        num_train_timesteps=description["num_train_timesteps"]
+    )
     apply(model, config)
     try:
         controller = _controller(model)
         own = controller.state_dict()
         if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
-            raise ValueError(f"DiffCR artifact {path} tensors do not match: expected "
-                             f"{ {k: tuple(v.shape) for k, v in own.items()} }, found "
-                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+            raise ValueError(
+                f"DiffCR artifact {path} tensors do not match: expected "
+                f"{ {k: tuple(v.shape) for k, v in own.items()} }, found "
+                f"{ {k: tuple(v.shape) for k, v in tensors.items()} }"
+            )
         controller.load_state_dict(tensors)
         if description.get("frozen"):
             freeze(model)

@@ -43,8 +43,9 @@ def machine_description() -> dict:
     return info
 
 
-def model_flops(model, num_tokens: int, kept_ratios: list[float] | None = None, context_tokens: int = 0,
-                batch_size: int = 1) -> int:
+def model_flops(
+    model, num_tokens: int, kept_ratios: list[float] | None = None, context_tokens: int = 0, batch_size: int = 1
+) -> int:
     """Analytic FLOPs of the transformer blocks for one forward.
 
     Args:
@@ -69,8 +70,9 @@ def model_flops(model, num_tokens: int, kept_ratios: list[float] | None = None, 
 def schedule_flops(model, num_tokens: int, kept_table: list[list[float]], context_tokens: int = 0) -> float:
     """Mean FLOPs per sample of one forward under a (layer x region) schedule, regions equally likely."""
     regions = len(kept_table[0])
-    per_region = [model_flops(model, num_tokens, [row[r] for row in kept_table], context_tokens)
-                  for r in range(regions)]
+    per_region = [
+        model_flops(model, num_tokens, [row[r] for row in kept_table], context_tokens) for r in range(regions)
+    ]
     return sum(per_region) / regions
 
 
@@ -109,22 +111,36 @@ class SpeedRow:
         return self.speedup / self.ideal_speedup
 
 
-def random_transformer(family: str, num_tokens: int, width: int = 384, num_layers: int = 12, heads: int = 6,
-                       text_tokens: int = 120, seed: int = 0):
+def random_transformer(
+    family: str,
+    num_tokens: int,
+    width: int = 384,
+    num_layers: int = 12,
+    heads: int = 6,
+    text_tokens: int = 120,
+    seed: int = 0,
+):
     """A random-weight transformer of the given family, shaped for `num_tokens` image tokens (patch 2).
 
     family "pixart": `PixArtTransformer2DModel` (adaLN-single, cross-attention to `text_tokens` tokens);
     "dit": `DiTTransformer2DModel` (adaLN-Zero, class labels). Returns (model, make_inputs(batch)).
     """
-    side = int(round(num_tokens ** 0.5)) * 2
+    side = int(round(num_tokens**0.5)) * 2
     torch.manual_seed(seed)
     if family == "pixart":
         from diffusers import PixArtTransformer2DModel
 
         model = PixArtTransformer2DModel(
-            num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4, out_channels=8,
-            num_layers=num_layers, cross_attention_dim=width, sample_size=side, patch_size=2,
-            caption_channels=width, norm_num_groups=32,
+            num_attention_heads=heads,
+            attention_head_dim=width // heads,
+            in_channels=4,
+            out_channels=8,
+            num_layers=num_layers,
+            cross_attention_dim=width,
+            sample_size=side,
+            patch_size=2,
+            caption_channels=width,
+            norm_num_groups=32,
         )
 
         def make_inputs(batch: int) -> dict:
@@ -139,8 +155,14 @@ def random_transformer(family: str, num_tokens: int, width: int = 384, num_layer
         from diffusers import DiTTransformer2DModel
 
         model = DiTTransformer2DModel(
-            num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4, out_channels=8,
-            num_layers=num_layers, sample_size=side, patch_size=2, num_embeds_ada_norm=1000,
+            num_attention_heads=heads,
+            attention_head_dim=width // heads,
+            in_channels=4,
+            out_channels=8,
+            num_layers=num_layers,
+            sample_size=side,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
         )
 
         def make_inputs(batch: int) -> dict:
@@ -154,8 +176,17 @@ def random_transformer(family: str, num_tokens: int, width: int = 384, num_layer
     return model.eval(), make_inputs
 
 
-def routing_speed(family: str, num_tokens: int, batch_size: int, kept_ratios=(0.8, 0.5, 0.3), repeats: int = 7,
-                  warmup: int = 2, dtype: torch.dtype = torch.float32, device: str = "cpu", **shape) -> list[SpeedRow]:
+def routing_speed(
+    family: str,
+    num_tokens: int,
+    batch_size: int,
+    kept_ratios=(0.8, 0.5, 0.3),
+    repeats: int = 7,
+    warmup: int = 2,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    **shape,
+) -> list[SpeedRow]:
     """Dense vs routed forward latency of one random-weight model, every kept ratio in one interleaved run.
 
     Each routed variant is a frozen uniform schedule (every block at the same kept ratio), so the figures
@@ -165,8 +196,16 @@ def routing_speed(family: str, num_tokens: int, batch_size: int, kept_ratios=(0.
 
     dense, make_inputs = random_transformer(family, num_tokens, **shape)
     dense = dense.to(device) if dtype == torch.float32 else dense.to(device=device, dtype=dtype)
-    inputs = {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v) and v.is_floating_point() else
-                  v.to(device) if torch.is_tensor(v) else v) for k, v in make_inputs(batch_size).items()}
+    inputs = {
+        k: (
+            v.to(device=device, dtype=dtype)
+            if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(device)
+            if torch.is_tensor(v)
+            else v
+        )
+        for k, v in make_inputs(batch_size).items()
+    }
     text_tokens = inputs["encoder_hidden_states"].shape[1] if "encoder_hidden_states" in inputs else 0
     import copy
 
@@ -182,6 +221,7 @@ def routing_speed(family: str, num_tokens: int, batch_size: int, kept_ratios=(0.
         def call():
             with torch.inference_mode():
                 return model(**inputs).sample
+
         return call
 
     fns = {"dense": forward(dense)}
@@ -191,11 +231,18 @@ def routing_speed(family: str, num_tokens: int, batch_size: int, kept_ratios=(0.
     rows = []
     for kept in routed_models:
         routed_flops = model_flops(dense, num_tokens, [kept] * len(dense.transformer_blocks), text_tokens)
-        rows.append(SpeedRow(
-            family=family, num_tokens=num_tokens, batch_size=batch_size, kept_ratio=kept,
-            dense_ms=medians["dense"] * 1e3, routed_ms=medians[f"kept {kept}"] * 1e3,
-            speedup=medians["dense"] / medians[f"kept {kept}"], ideal_speedup=dense_flops / routed_flops,
-        ))
+        rows.append(
+            SpeedRow(
+                family=family,
+                num_tokens=num_tokens,
+                batch_size=batch_size,
+                kept_ratio=kept,
+                dense_ms=medians["dense"] * 1e3,
+                routed_ms=medians[f"kept {kept}"] * 1e3,
+                speedup=medians["dense"] / medians[f"kept {kept}"],
+                ideal_speedup=dense_flops / routed_flops,
+            )
+        )
     return rows
 
 

@@ -64,8 +64,9 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], described: dict) ->
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, meta: dict,
-                    keep: int = 1) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, meta: dict, keep: int = 1
+) -> Path:
     """Write `run_dir/checkpoint-<step>` atomically and point `run_dir/latest` at it.
 
     Args:
@@ -81,9 +82,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors")
-    )
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
     opt_tensors, opt_described = optimizer_to_tensors(optimizer)
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_described))

@@ -49,8 +49,11 @@ class DiffCRConfig:
                 f"target_kept_ratio={self.target_kept_ratio} is outside (0, 1]; it is the fraction of tokens "
                 "kept (0.8 = 20 % compression)"
             )
-        if isinstance(self.timestep_regions, bool) or not isinstance(self.timestep_regions, int) \
-                or self.timestep_regions < 1:
+        if (
+            isinstance(self.timestep_regions, bool)
+            or not isinstance(self.timestep_regions, int)
+            or self.timestep_regions < 1
+        ):
             raise ValueError(f"timestep_regions={self.timestep_regions!r} must be an integer >= 1 (1 = DiffCR-L)")
         bins = self.ratio_bins
         if len(bins) < 2:

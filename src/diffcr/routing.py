@@ -58,8 +58,14 @@ def gate_values(kept_logits: torch.Tensor, gate: str) -> torch.Tensor:
     return factor.unsqueeze(-1)  # (B, k, 1)
 
 
-def routed_forward(tokens: torch.Tensor, router_logits: torch.Tensor | None, num_kept: int, block_fn: BlockFn,
-                   gate: str, as_update: bool) -> torch.Tensor:
+def routed_forward(
+    tokens: torch.Tensor,
+    router_logits: torch.Tensor | None,
+    num_kept: int,
+    block_fn: BlockFn,
+    gate: str,
+    as_update: bool,
+) -> torch.Tensor:
     """Run a block on the top-`num_kept` tokens of each sample; bypassed tokens pass through unchanged.
 
     Args:

@@ -103,7 +103,7 @@ def disable_label_dropout(model: torch.nn.Module) -> None:
 
 
 def resolve_mixed_precision(choice: str) -> str:
-    """"auto" means bf16 on CUDA and fp32 elsewhere: CPUs without native bf16 emulate it, which was 7x
+    """ "auto" means bf16 on CUDA and fp32 elsewhere: CPUs without native bf16 emulate it, which was 7x
     slower than fp32 on the 2-core AMD EPYC (AVX2) development machine."""
     if choice != "auto":
         return choice
@@ -114,8 +114,9 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def draw_global_batch(step: int, cfg: TrainConfig, num_images: int, image_shape, num_train_timesteps: int,
-                      null_class: int | None):
+def draw_global_batch(
+    step: int, cfg: TrainConfig, num_images: int, image_shape, num_train_timesteps: int, null_class: int | None
+):
     """Everything random in one step for the whole (global) batch: a dict of CPU tensors."""
     gen = _step_generator(cfg.seed, step)
     batch = cfg.batch_size
@@ -123,15 +124,14 @@ def draw_global_batch(step: int, cfg: TrainConfig, num_images: int, image_shape,
     timesteps = torch.randint(num_train_timesteps, (batch,), generator=gen)
     noise = torch.randn((batch, *image_shape), generator=gen)
     drop = torch.rand(batch, generator=gen) < cfg.label_drop_prob
-    return {"image_idx": image_idx, "timesteps": timesteps, "noise": noise, "drop": drop,
-            "null_class": null_class}
+    return {"image_idx": image_idx, "timesteps": timesteps, "noise": noise, "drop": drop, "null_class": null_class}
 
 
 def _shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     if tensor.shape[0] % world:
         raise ValueError(f"batch size {tensor.shape[0]} is not divisible by the {world} processes")
     per = tensor.shape[0] // world
-    return tensor[rank * per:(rank + 1) * per]
+    return tensor[rank * per : (rank + 1) * per]
 
 
 def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
@@ -165,8 +165,9 @@ def _build_optimizer(model, cfg: TrainConfig):
         import diffcr
 
         parts = diffcr.parameter_groups(model)
-        groups.append({"params": parts["router"], "lr": cfg.router_lr, "weight_decay": cfg.weight_decay,
-                       "name": "router"})
+        groups.append(
+            {"params": parts["router"], "lr": cfg.router_lr, "weight_decay": cfg.weight_decay, "name": "router"}
+        )
         # decoupled weight decay would pull kept ratios toward 0, i.e. toward more compression
         groups.append({"params": parts["ratio"], "lr": cfg.ratio_lr, "weight_decay": 0.0, "name": "ratio"})
         base = [p for p in parts["base"] if p.requires_grad]
@@ -210,8 +211,16 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diffcr_config=None,
-          scheduler=None, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    run_dir: str | Path,
+    base_model,
+    train_dataset,
+    cfg: TrainConfig,
+    diffcr_config=None,
+    scheduler=None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Train `base_model` (pretraining or DiffCR compression) and write checkpoints to `run_dir`.
 
     Args:
@@ -240,13 +249,17 @@ def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diff
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
     if ckpt is not None and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run (at {ckpt.name}); pass resume=True / --resume "
-                              "to continue it, or choose another run directory")
+        raise FileExistsError(
+            f"{run_dir} already holds a run (at {ckpt.name}); pass resume=True / --resume "
+            "to continue it, or choose another run directory"
+        )
     if resume and ckpt is not None:
         saved = json.loads((run_dir / "run.json").read_text())
         if saved["train"] != asdict(cfg):
-            raise ValueError(f"cannot resume {run_dir}: its run.json train config differs from this one; "
-                             f"saved {saved['train']}, given {asdict(cfg)}")
+            raise ValueError(
+                f"cannot resume {run_dir}: its run.json train config differs from this one; "
+                f"saved {saved['train']}, given {asdict(cfg)}"
+            )
 
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     scheduler = scheduler or build_scheduler("ddpm")
@@ -269,8 +282,9 @@ def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diff
         trainable, opt_tensors, opt_described, meta = load_checkpoint(ckpt)
         missing = set(trainable_state(model)) ^ set(trainable)
         if missing:
-            raise ValueError(f"checkpoint {ckpt} does not match this model/mode; differing tensors: "
-                             f"{sorted(missing)[:8]}")
+            raise ValueError(
+                f"checkpoint {ckpt} does not match this model/mode; differing tensors: {sorted(missing)[:8]}"
+            )
         with torch.no_grad():
             for name, param in trainable_state(model).items():
                 param.copy_(trainable[name])
@@ -280,14 +294,17 @@ def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diff
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "run.json", {
-            "train": asdict(cfg),
-            "diffcr": diffcr_config.to_dict() if routed else None,
-            "model_class": type(base_model).__name__,
-            "model_config": dict(base_model.config),
-            "scheduler_config": dict(scheduler.config),
-            "num_train_images": len(train_dataset),
-        })
+        write_json_atomic(
+            run_dir / "run.json",
+            {
+                "train": asdict(cfg),
+                "diffcr": diffcr_config.to_dict() if routed else None,
+                "model_class": type(base_model).__name__,
+                "model_config": dict(base_model.config),
+                "scheduler_config": dict(scheduler.config),
+                "num_train_images": len(train_dataset),
+            },
+        )
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -301,8 +318,13 @@ def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diff
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
-               desc=cfg.mode, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (progress and accelerator.is_main_process),
+        desc=cfg.mode,
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     step = start_step
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
@@ -351,8 +373,12 @@ def train(run_dir: str | Path, base_model, train_dataset, cfg: TrainConfig, diff
             step += 1
 
             # 4. logging and checkpoints
-            row = {"step": step, "loss": loss.item(), "diffusion_loss": diffusion_loss.item(),
-                   "seconds": round(time.perf_counter() - started, 3)}
+            row = {
+                "step": step,
+                "loss": loss.item(),
+                "diffusion_loss": diffusion_loss.item(),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
             if routed:
                 row["ratio_loss"] = ratio_loss.item()
                 row["mean_kept_ratio"] = float(mean_kept)
@@ -389,8 +415,7 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
     """Keep only rows with step <= upto_step, so a resumed run's log has each step once."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= upto_step]
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(row + "\n" for row in rows))
     tmp.replace(path)

@@ -128,8 +128,9 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
         else:
             out = tokens
             for kept, weight in group.passes:
-                update = routed_forward(tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate,
-                                        as_update=True)  # (b, N, C)
+                update = routed_forward(
+                    tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate, as_update=True
+                )  # (b, N, C)
                 out = out + weight.to(update.dtype) * update
         outputs.append(out)
     if len(outputs) == 1:

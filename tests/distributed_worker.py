@@ -24,8 +24,9 @@ state = result.model.state_dict()
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
 accelerator = Accelerator(cpu=True)
 diffcr.freeze(result.model)
-images = sample_sharded(result.model.eval(), class_labels([1, 2, 3], 1), SampleConfig(steps=2, batch_size=2),
-                        10, accelerator)
+images = sample_sharded(
+    result.model.eval(), class_labels([1, 2, 3], 1), SampleConfig(steps=2, batch_size=2), 10, accelerator
+)
 payload = {"digest": digest, "world": accelerator.num_processes}
 if images is not None:
     payload["images"] = images.flatten().tolist()

@@ -24,9 +24,25 @@ def test_two_process_training_and_sharded_sampling(tmp_path):
         port = probe.getsockname()[1]
     subprocess.run(
         # on a CPU-only machine `--multi_gpu` is accelerate's torchrun launcher; the processes form a gloo group
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(port), str(worker), str(tmp_path)],
-        check=True, timeout=600,
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            str(worker),
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=600,
     )
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())

@@ -37,8 +37,14 @@ def rows(run_dir) -> list[dict]:
 
 
 def test_kept_ratio_moves_toward_target_and_ratio_loss_falls(tmp_path):
-    result = train(tmp_path / "run", tiny_base(), tiny_data(), config(steps=8),
-                   diffcr_config=diffcr.DiffCRConfig(target_kept_ratio=0.3, timestep_regions=2), progress=False)
+    result = train(
+        tmp_path / "run",
+        tiny_base(),
+        tiny_data(),
+        config(steps=8),
+        diffcr_config=diffcr.DiffCRConfig(target_kept_ratio=0.3, timestep_regions=2),
+        progress=False,
+    )
     log = rows(tmp_path / "run")
     assert len(log) == 8 and [r["step"] for r in log] == list(range(1, 9))
     assert log[0]["mean_kept_ratio"] == pytest.approx(1.0)
@@ -82,8 +88,7 @@ def test_routers_mode_leaves_base_weights_unchanged(tmp_path):
 def test_full_and_lora_modes_train_the_right_parameters(tmp_path):
     full = train(tmp_path / "full", tiny_base(), tiny_data(), config(mode="full", steps=1), progress=False)
     assert all(p.requires_grad for p in full.model.parameters())
-    lora = train(tmp_path / "lora", tiny_base(), tiny_data(), config(mode="lora", steps=2, lora_rank=4),
-                 progress=False)
+    lora = train(tmp_path / "lora", tiny_base(), tiny_data(), config(mode="lora", steps=2, lora_rank=4), progress=False)
     trainable = {n for n, p in lora.model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and "diffcr.kept_ratio" in trainable
     assert not any(n.endswith("to_q.base_layer.weight") for n in trainable)
@@ -94,15 +99,20 @@ def test_full_and_lora_modes_train_the_right_parameters(tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
     with torch.no_grad():
-        torch.testing.assert_close(merged(x, timestep=t, class_labels=y).sample,
-                                   lora.model.eval()(x, timestep=t, class_labels=y).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            merged(x, timestep=t, class_labels=y).sample,
+            lora.model.eval()(x, timestep=t, class_labels=y).sample,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_resume_is_bit_for_bit(tmp_path):
     straight = train(tmp_path / "a", tiny_base(), tiny_data(), config(mode="full", steps=4), progress=False)
     train(tmp_path / "b", tiny_base(), tiny_data(), config(mode="full", steps=2), progress=False)
-    resumed = train(tmp_path / "b", tiny_base(seed=5), tiny_data(), config(mode="full", steps=4), resume=True,
-                    progress=False)
+    resumed = train(
+        tmp_path / "b", tiny_base(seed=5), tiny_data(), config(mode="full", steps=4), resume=True, progress=False
+    )
     assert resumed.steps_done == 4
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name

@@ -53,8 +53,9 @@ def sampling_flops(model, sample_cfg, num_tokens: int) -> tuple[float, float]:
         return passes * sample_cfg.steps * model_flops(model, num_tokens), 1.0
     sched = diffcr.schedule(model).kept_ratio
     controller = model.diffcr
-    regions = timestep_region(scheduler.timesteps, controller.config.timestep_regions,
-                              controller.num_train_timesteps).tolist()
+    regions = timestep_region(
+        scheduler.timesteps, controller.config.timestep_regions, controller.num_train_timesteps
+    ).tolist()
     total, kept = 0.0, []
     for region in regions:
         column = [row[region] for row in sched]
@@ -63,8 +64,18 @@ def sampling_flops(model, sample_cfg, num_tokens: int) -> tuple[float, float]:
     return total, sum(kept) / len(kept)
 
 
-def assess(run_dir: str | Path, dense_model, routed_model, classifier, heldout, train_set, sample_cfg,
-           num_per_class: int, classes: list[int] | None = None, progress: bool = True) -> Assessment:
+def assess(
+    run_dir: str | Path,
+    dense_model,
+    routed_model,
+    classifier,
+    heldout,
+    train_set,
+    sample_cfg,
+    num_per_class: int,
+    classes: list[int] | None = None,
+    progress: bool = True,
+) -> Assessment:
     """Sample `num_per_class` images per class with both models, interleaving their batches, and score them."""
     from tqdm.auto import tqdm
 
@@ -100,8 +111,9 @@ def assess(run_dir: str | Path, dense_model, routed_model, classifier, heldout, 
     routed_images = torch.cat(images["diffcr"])
     save_npz(run_dir / "dense.npz", dense_images, labels)
     save_npz(run_dir / "diffcr.npz", routed_images, labels)
-    full_batches = [i for i in range(len(seconds["dense"]))
-                    if i < len(labels) // sample_cfg.batch_size] or list(range(len(seconds["dense"])))
+    full_batches = [i for i in range(len(seconds["dense"])) if i < len(labels) // sample_cfg.batch_size] or list(
+        range(len(seconds["dense"]))
+    )
     dense_s = statistics.median(seconds["dense"][i] for i in full_batches)
     routed_s = statistics.median(seconds["diffcr"][i] for i in full_batches)
     num_tokens = (shape[1] // dense_model.config.patch_size) ** 2

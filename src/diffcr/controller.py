@@ -125,7 +125,7 @@ class DiffCRController(nn.Module):
         for i, key in enumerate(keys):
             members.setdefault(key, []).append(i)
         if len(members) == 1:
-            (key, idx), = members.items()
+            ((key, idx),) = members.items()
             return [RoutingGroup(None, passes_of(key, idx))]
         device = self.kept_ratio.device
         return [RoutingGroup(torch.tensor(idx, device=device), passes_of(key, idx)) for key, idx in members.items()]

@@ -37,8 +37,9 @@ class DemoRecipe:
         return cls(steps=50, minutes=1.5, num_per_class=5)
 
 
-def run_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, base: str | None = None,
-             progress: bool = True, seed: int = 0) -> dict:
+def run_demo(
+    out_dir: str | Path, recipe: DemoRecipe | None = None, base: str | None = None, progress: bool = True, seed: int = 0
+) -> dict:
     """Run the whole demo into `out_dir`; returns {"assessment", "report", "seconds", "schedule"}."""
     import diffcr
     from diffcr.assess import assess
@@ -58,17 +59,55 @@ def run_demo(out_dir: str | Path, recipe: DemoRecipe | None = None, base: str | 
     dense = load_base_model(base)
     model = load_base_model(base)
     torch.manual_seed(seed)
-    config = diffcr.DiffCRConfig(target_kept_ratio=recipe.target_kept_ratio, timestep_regions=recipe.timestep_regions,
-                                 ratio_loss_weight=recipe.ratio_loss_weight)
-    cfg = TrainConfig(mode=recipe.mode, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                      router_lr=recipe.router_lr, ratio_lr=recipe.ratio_lr, max_minutes=recipe.minutes,
-                      checkpoint_every=max(recipe.steps, 1), seed=seed)
-    result = train(out_dir, model, train_set, cfg, diffcr_config=config, progress=progress)
+    config = diffcr.DiffCRConfig(
+        target_kept_ratio=recipe.target_kept_ratio,
+        timestep_regions=recipe.timestep_regions,
+        ratio_loss_weight=recipe.ratio_loss_weight,
+    )
+    cfg = TrainConfig(
+        mode=recipe.mode,
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        router_lr=recipe.router_lr,
+        ratio_lr=recipe.ratio_lr,
+        max_minutes=recipe.minutes,
+        checkpoint_every=max(recipe.steps, 1),
+        seed=seed,
+    )
+    result = train(
+        out_dir,
+        model,
+        train_set,
+        cfg,
+        diffcr_config=config,
+        progress=progress,
+        run_info={"base": base or "default", "data": "mnist5k"},
+    )
     finish_compression(result.model, out_dir, recipe.mode)
-    sample_cfg = SampleConfig(scheduler="ddim", steps=recipe.sampler_steps, guidance_scale=recipe.guidance_scale,
-                              batch_size=recipe.sample_batch_size, seed=seed)
-    assessment = assess(out_dir, dense, result.model, classifier, heldout, train_set, sample_cfg,
-                        recipe.num_per_class, progress=progress)
+    sample_cfg = SampleConfig(
+        scheduler="ddim",
+        steps=recipe.sampler_steps,
+        guidance_scale=recipe.guidance_scale,
+        batch_size=recipe.sample_batch_size,
+        seed=seed,
+    )
+    assessment = assess(
+        out_dir,
+        dense,
+        result.model,
+        classifier,
+        heldout,
+        train_set,
+        sample_cfg,
+        recipe.num_per_class,
+        progress=progress,
+    )
     report = build_report(out_dir)
-    return {"assessment": assessment, "report": report, "seconds": time.perf_counter() - started,
-            "schedule": diffcr.schedule(result.model), "train_steps": result.steps_done}
+    return {
+        "assessment": assessment,
+        "report": report,
+        "seconds": time.perf_counter() - started,
+        "schedule": diffcr.schedule(result.model),
+        "train_steps": result.steps_done,
+    }

@@ -49,8 +49,13 @@ class Quality:
     ssim_vs_dense: float | None = None
 
 
-def evaluate_samples(classifier, images: torch.Tensor, labels: torch.Tensor, heldout_images: torch.Tensor,
-                     dense_images: torch.Tensor | None = None) -> Quality:
+def evaluate_samples(
+    classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    heldout_images: torch.Tensor,
+    dense_images: torch.Tensor | None = None,
+) -> Quality:
     """Accuracy (the classifier agrees with the requested class), feature FID against the held-out split,
     and, when `dense_images` from the same noise are given, PSNR / SSIM against them."""
     from diffcr.models.classifier import classifier_accuracy
@@ -64,8 +69,9 @@ def evaluate_samples(classifier, images: torch.Tensor, labels: torch.Tensor, hel
     return quality
 
 
-def real_fid_floor(classifier, train_images: torch.Tensor, heldout_images: torch.Tensor, num: int,
-                   seed: int = 0) -> float:
+def real_fid_floor(
+    classifier, train_images: torch.Tensor, heldout_images: torch.Tensor, num: int, seed: int = 0
+) -> float:
     """FID between `num` real training images and the held-out split: the best a sample set of that size
     can hope for (FID is biased upward for small sets)."""
     gen = torch.Generator().manual_seed(seed)

@@ -81,8 +81,9 @@ def side_by_side(dense: np.ndarray, routed: np.ndarray, columns: int, path: Path
     return path
 
 
-def router_maps(model, labels: torch.Tensor, sample_cfg, path: Path, layers: list[int] | None = None,
-                num_images: int = 4) -> Path:
+def router_maps(
+    model, labels: torch.Tensor, sample_cfg, path: Path, layers: list[int] | None = None, num_images: int = 4
+) -> Path:
     """Which tokens each of a few layers computed at an early, a middle and a late sampling step, drawn over
     the final images (computed tokens bright, bypassed ones dimmed)."""
     import diffcr
@@ -106,10 +107,12 @@ def router_maps(model, labels: torch.Tensor, sample_cfg, path: Path, layers: lis
 
     hooks = []
     for layer in layers:
+
         def grab(module, args, kwargs, layer=layer):
             if current["step"] in steps:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 captured[(current["step"], layer)] = hidden[:num_images].detach()
+
         hooks.append(model.transformer_blocks[layer].register_forward_pre_hook(grab, with_kwargs=True))
     noise = initial_noise(list(range(num_images)), model_image_shape(model), sample_cfg.seed + 10_000)
     try:
@@ -125,14 +128,18 @@ def router_maps(model, labels: torch.Tensor, sample_cfg, path: Path, layers: lis
     for step in steps:
         timesteps[step] = int(scheduler.timesteps[step])
     side = int(round((captured[(steps[0], layers[0])].shape[1]) ** 0.5))
-    fig, axes = plt.subplots(len(layers) * num_images, len(steps),
-                             figsize=(1.6 * len(steps) + 1.5, 1.6 * len(layers) * num_images))
+    fig, axes = plt.subplots(
+        len(layers) * num_images, len(steps), figsize=(1.6 * len(steps) + 1.5, 1.6 * len(layers) * num_images)
+    )
     axes = np.atleast_2d(axes)
     for li, layer in enumerate(layers):
         for step_pos, step in enumerate(steps):
             hidden = captured[(step, layer)]
-            region = int(timestep_region(torch.tensor([timesteps[step]]), controller.config.timestep_regions,
-                                         controller.num_train_timesteps)[0])
+            region = int(
+                timestep_region(
+                    torch.tensor([timesteps[step]]), controller.config.timestep_regions, controller.num_train_timesteps
+                )[0]
+            )
             kept = sched[layer][region]
             num_kept = num_kept_tokens(kept, hidden.shape[1])
             logits = controller.routers[layer](hidden.to(controller.routers[layer].weight.dtype)).squeeze(-1)
@@ -201,8 +208,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     figures = {
         "samples": side_by_side(dense["arr_0"][:shown], routed["arr_0"][:shown], per_row, out_dir / "samples.png"),
         "schedule": plot_schedule(sched.kept_ratio, sched.region_bounds, out_dir / "schedule.png"),
-        "curves": plot_training_curves(read_metrics(run_dir), run["diffcr"]["target_kept_ratio"],
-                                       out_dir / "training_curves.png"),
+        "curves": plot_training_curves(
+            read_metrics(run_dir), run["diffcr"]["target_kept_ratio"], out_dir / "training_curves.png"
+        ),
         "router_maps": router_maps(model, labels, sample_cfg, out_dir / "router_maps.png"),
     }
     summary = summary_table(assessment)
@@ -214,28 +222,28 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th{{background:#f3f3f3}}img{{max-width:100%}}pre{{background:#f7f7f7;padding:8px}}</style></head><body>
 <h1>DiffCR report: {html.escape(str(run_dir))}</h1>
-<p>Mode <b>{html.escape(train['mode'])}</b>, {len(read_metrics(run_dir))} steps, batch {train['batch_size']},
-target kept ratio {run['diffcr']['target_kept_ratio']}, {run['diffcr']['timestep_regions']} timestep regions,
-gate {html.escape(run['diffcr']['gate'])}. Sampler: {html.escape(sample_cfg.scheduler.upper())}
-{sample_cfg.steps} steps, guidance {sample_cfg.guidance_scale}. Machine: {html.escape(str(assessment['machine']))}.</p>
+<p>Mode <b>{html.escape(train["mode"])}</b>, {len(read_metrics(run_dir))} steps, batch {train["batch_size"]},
+target kept ratio {run["diffcr"]["target_kept_ratio"]}, {run["diffcr"]["timestep_regions"]} timestep regions,
+gate {html.escape(run["diffcr"]["gate"])}. Sampler: {html.escape(sample_cfg.scheduler.upper())}
+{sample_cfg.steps} steps, guidance {sample_cfg.guidance_scale}. Machine: {html.escape(str(assessment["machine"]))}.</p>
 <h2>Summary</h2>
 {_markdown_table_to_html(summary)}
 <p>Speed is measured side by side: dense and DiffCR sample the same batches in alternation in one process;
 the table gives the median time per batch of {sample_cfg.batch_size} images. FLOP-ideal counts the transformer
 blocks (attention's quadratic term included) over the timesteps the sampler visits. FID is computed in the
 feature space of the shipped digit classifier against the 500 held-out digits; the real floor is the FID of
-{assessment['num_images']} real training digits against the same held-out set.</p>
+{assessment["num_images"]} real training digits against the same held-out set.</p>
 <h2>Dense (left) vs DiffCR (right), same noise</h2>
-{_embed(figures['samples'])}
+{_embed(figures["samples"])}
 <h2>Learned schedule</h2>
-{_embed(figures['schedule'])}
+{_embed(figures["schedule"])}
 <pre>{html.escape(str(sched))}</pre>
 <h2>Router maps</h2>
 <p>Tokens each layer computed (bright) and bypassed (dimmed, tinted) at an early, a middle and a late sampling
 step, drawn over the final images.</p>
-{_embed(figures['router_maps'])}
+{_embed(figures["router_maps"])}
 <h2>Training curves</h2>
-{_embed(figures['curves'])}
+{_embed(figures["curves"])}
 </body></html>
 """
     path = out_dir / "report.html"

@@ -50,8 +50,9 @@ def model_image_shape(model) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def denoise(model, noise: torch.Tensor, labels: torch.Tensor, cfg: SampleConfig, null_class: int,
-            step_callback=None) -> torch.Tensor:
+def denoise(
+    model, noise: torch.Tensor, labels: torch.Tensor, cfg: SampleConfig, null_class: int, step_callback=None
+) -> torch.Tensor:
     """Run the sampler from `noise` (B, C, H, W) for class `labels` (B,). Returns images in [-1, 1].
 
     `step_callback(step_idx, timestep)` is called before each model evaluation (used for router maps).
@@ -80,8 +81,15 @@ def denoise(model, noise: torch.Tensor, labels: torch.Tensor, cfg: SampleConfig,
     return sample.clamp(-1, 1).float().cpu()
 
 
-def sample_images(model, labels: torch.Tensor, cfg: SampleConfig, null_class: int, indices: list[int] | None = None,
-                  progress: bool = False, desc: str = "sampling") -> torch.Tensor:
+def sample_images(
+    model,
+    labels: torch.Tensor,
+    cfg: SampleConfig,
+    null_class: int,
+    indices: list[int] | None = None,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> torch.Tensor:
     """Sample one image per label; image j uses seed `cfg.seed + indices[j]` (default indices 0..n-1).
 
     Returns:
@@ -96,9 +104,9 @@ def sample_images(model, labels: torch.Tensor, cfg: SampleConfig, null_class: in
     model.eval()
     with tqdm(total=len(indices), desc=desc, disable=not progress, unit="img") as bar:
         for start in range(0, len(indices), cfg.batch_size):
-            batch_idx = indices[start:start + cfg.batch_size]
+            batch_idx = indices[start : start + cfg.batch_size]
             noise = initial_noise(batch_idx, shape, cfg.seed)
-            chunks.append(denoise(model, noise, labels[start:start + cfg.batch_size], cfg, null_class))
+            chunks.append(denoise(model, noise, labels[start : start + cfg.batch_size], cfg, null_class))
             bar.update(len(batch_idx))
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0, *shape)
@@ -110,7 +118,7 @@ def class_labels(classes: list[int], per_class: int) -> torch.Tensor:
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
-    """"0-9" or "1,3,5" or "7" -> list of class ids; raises ValueError naming the bad part."""
+    """ "0-9" or "1,3,5" or "7" -> list of class ids; raises ValueError naming the bad part."""
     classes: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -128,8 +136,9 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
-def sample_sharded(model, labels: torch.Tensor, cfg: SampleConfig, null_class: int, accelerator=None,
-                   progress: bool = False) -> torch.Tensor | None:
+def sample_sharded(
+    model, labels: torch.Tensor, cfg: SampleConfig, null_class: int, accelerator=None, progress: bool = False
+) -> torch.Tensor | None:
     """Sample all `labels` across the processes of `accelerator` (each takes every world-th index).
 
     Returns the full (n, C, H, W) set, in index order, on the main process; None on the others.
@@ -140,8 +149,9 @@ def sample_sharded(model, labels: torch.Tensor, cfg: SampleConfig, null_class: i
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(labels), world))
-    images = sample_images(model, labels[mine], cfg, null_class, indices=mine,
-                           progress=progress and accelerator.is_main_process)
+    images = sample_images(
+        model, labels[mine], cfg, null_class, indices=mine, progress=progress and accelerator.is_main_process
+    )
     gathered = gather_object([(i, images[j].numpy()) for j, i in enumerate(mine)])
     if not accelerator.is_main_process:
         return None
@@ -176,7 +186,7 @@ def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
     for i, array in enumerate(arrays):
         r, c = divmod(i, columns)
         top, left = gap + r * (height + gap), gap + c * (width + gap)
-        grid[top:top + height, left:left + width] = array
+        grid[top : top + height, left : left + width] = array
     return grid
 
 

@@ -220,6 +220,7 @@ def train(
     scheduler=None,
     resume: bool = False,
     progress: bool = True,
+    run_info: dict | None = None,
 ) -> TrainResult:
     """Train `base_model` (pretraining or DiffCR compression) and write checkpoints to `run_dir`.
 
@@ -231,6 +232,7 @@ def train(
         diffcr_config: the `DiffCRConfig` for compression modes (default `DiffCRConfig()`).
         scheduler: the diffusers noise scheduler defining the forward process (default: the base recipe's).
         resume: continue from `run_dir`'s latest checkpoint, bit for bit.
+        run_info: extra JSON-able facts for `run.json` (e.g. where the base model came from).
 
     Returns:
         A `TrainResult` with the trained model (unwrapped) and the number of steps done.
@@ -266,8 +268,9 @@ def train(
             )
 
     # cpu=True on a CPU-only machine: that is what makes torchrun-launched processes form a gloo group
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available()
+    )
     scheduler = scheduler or build_scheduler("ddpm")
     num_train_timesteps = scheduler.config.num_train_timesteps
 
@@ -309,6 +312,7 @@ def train(
                 "model_config": dict(base_model.config),
                 "scheduler_config": dict(scheduler.config),
                 "num_train_images": len(train_dataset),
+                **(run_info or {}),
             },
         )
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)

@@ -32,7 +32,8 @@ class Adapter:
         blocks = list(getattr(model, "transformer_blocks", []))
         if not blocks:
             raise TypeError(f"{type(model).__name__} has no transformer_blocks to route")
-        bad = sorted({type(b).__name__ for b in blocks if type(b).__name__ not in ROUTABLE_BLOCKS})
+        kinds = {getattr(type(b), "_diffcr_base_class", type(b)).__name__ for b in blocks}  # routed or not
+        bad = sorted(kinds - set(ROUTABLE_BLOCKS))
         if bad:
             raise TypeError(f"{type(model).__name__} has blocks of type {bad}; diffcr routes {ROUTABLE_BLOCKS}")
         return blocks

@@ -31,7 +31,17 @@ def train_classifier_command(
     start = time.perf_counter()
     model, accuracy = train_classifier(train_set, heldout, epochs=epochs, seed=seed)
     seconds = time.perf_counter() - start
-    save_classifier(model, out, {"heldout_accuracy": accuracy, "epochs": epochs, "seed": seed, "data": data,
-                                 "train_images": len(train_set), "heldout_images": len(heldout),
-                                 "train_seconds": round(seconds, 1)})
+    save_classifier(
+        model,
+        out,
+        {
+            "heldout_accuracy": accuracy,
+            "epochs": epochs,
+            "seed": seed,
+            "data": data,
+            "train_images": len(train_set),
+            "heldout_images": len(heldout),
+            "train_seconds": round(seconds, 1),
+        },
+    )
     typer.echo(f"held-out accuracy {accuracy:.2%} ({len(heldout)} images), {seconds:.0f} s; saved to {out}")

@@ -47,18 +47,35 @@ def compress(
     if config is not None:
         diffcr_config = diffcr.DiffCRConfig.from_json(config)
     else:
-        diffcr_config = diffcr.DiffCRConfig(target_kept_ratio=target, timestep_regions=regions, gate=gate,
-                                            ratio_loss_weight=ratio_loss_weight)
-    cfg = TrainConfig(mode=mode, steps=steps, batch_size=batch_size, lr=lr, router_lr=router_lr, ratio_lr=ratio_lr,
-                      weight_decay=weight_decay, lora_rank=lora_rank, distill=distill, max_minutes=minutes,
-                      checkpoint_every=checkpoint_every, seed=seed, mixed_precision=mixed_precision)
+        diffcr_config = diffcr.DiffCRConfig(
+            target_kept_ratio=target, timestep_regions=regions, gate=gate, ratio_loss_weight=ratio_loss_weight
+        )
+    cfg = TrainConfig(
+        mode=mode,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        router_lr=router_lr,
+        ratio_lr=ratio_lr,
+        weight_decay=weight_decay,
+        lora_rank=lora_rank,
+        distill=distill,
+        max_minutes=minutes,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        mixed_precision=mixed_precision,
+    )
     if cfg.mode == "pretrain":
         raise ValueError("compress trains DiffCR: use --mode routers, lora or full (pretraining is `diffcr pretrain`)")
     train_set, _ = load_dataset(data)
     model = load_base_model(base)
     torch.manual_seed(seed)
-    result = train(out, model, train_set, cfg, diffcr_config=diffcr_config, resume=resume)
+    result = train(
+        out, model, train_set, cfg, diffcr_config=diffcr_config, resume=resume, run_info={"base": base, "data": data}
+    )
     written = finish_compression(result.model, out, mode)
     typer.echo(str(diffcr.schedule(result.model)))
-    typer.echo(f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
-               + ", ".join(f"{k}: {v}" for k, v in written.items()))
+    typer.echo(
+        f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
+        + ", ".join(f"{k}: {v}" for k, v in written.items())
+    )

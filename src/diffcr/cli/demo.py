@@ -16,13 +16,21 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (must not hold a finished run)"),
     quick: bool = typer.Option(False, help="a shorter run (about 3 minutes)"),
     seed: int = typer.Option(0),
+    base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder"),
+    steps: int = typer.Option(None, help="override the recipe's training steps"),
+    minutes: float = typer.Option(None, help="override the recipe's training time limit"),
+    num_per_class: int = typer.Option(None, help="override the recipe's samples per class"),
 ) -> None:
     """Compress the shipped DiT on the bundled digits, sample dense and DiffCR, measure, report."""
     from diffcr.assess import summary_table
     from diffcr.demo import DemoRecipe, run_demo
 
+    from dataclasses import replace
+
     recipe = DemoRecipe.quick() if quick else DemoRecipe()
-    result = run_demo(out, recipe, seed=seed)
+    overrides = {"steps": steps, "minutes": minutes, "num_per_class": num_per_class}
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    result = run_demo(out, recipe, base=base, seed=seed)
     assessment = result["assessment"]
     typer.echo("")
     typer.echo(str(result["schedule"]))

@@ -35,12 +35,24 @@ def pretrain(
 
     train_set, _ = load_dataset(data)
     torch.manual_seed(seed)
-    model = build_base_model(num_layers=num_layers, in_channels=train_set.images.shape[1],
-                             out_channels=train_set.images.shape[1], sample_size=train_set.images.shape[-1],
-                             num_embeds_ada_norm=train_set.num_classes)
-    cfg = TrainConfig(mode="pretrain", steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                      checkpoint_every=checkpoint_every, seed=seed, max_minutes=minutes,
-                      mixed_precision=mixed_precision)
+    model = build_base_model(
+        num_layers=num_layers,
+        in_channels=train_set.images.shape[1],
+        out_channels=train_set.images.shape[1],
+        sample_size=train_set.images.shape[-1],
+        num_embeds_ada_norm=train_set.num_classes,
+    )
+    cfg = TrainConfig(
+        mode="pretrain",
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        max_minutes=minutes,
+        mixed_precision=mixed_precision,
+    )
     result = train(out, model, train_set, cfg, resume=resume)
     export_model(result.model, out / "model")
     typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")

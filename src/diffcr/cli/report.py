@@ -36,10 +36,8 @@ def report(
         import json
 
         run = json.loads((run_dir / "run.json").read_text())
-        dense = load_compressed(None, None)
-        if run["model_config"] != dict(dense.config):
-            raise ValueError("report re-assesses runs of the shipped base model only; this run used another base")
-        train_set, heldout = load_dataset()
+        dense = load_compressed(run.get("base"), None)
+        train_set, heldout = load_dataset(run.get("data"))
         assess(run_dir, dense, routed, load_classifier(), heldout, train_set, SampleConfig(batch_size=25), num)
     path = build_report(run_dir, out)
     typer.echo(summary_table(load_assessment(run_dir)))

@@ -31,12 +31,21 @@ def sample(
     from accelerate import Accelerator
 
     from diffcr.models import null_class_id
-    from diffcr.sampling import SampleConfig, class_labels, image_grid, parse_classes, sample_sharded, save_npz, save_png
+    from diffcr.sampling import (
+        SampleConfig,
+        class_labels,
+        image_grid,
+        parse_classes,
+        sample_sharded,
+        save_npz,
+        save_png,
+    )
     from diffcr.training import load_compressed
 
     torch.set_num_threads(threads)
-    cfg = SampleConfig(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
-                       seed=seed)
+    cfg = SampleConfig(
+        scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size, seed=seed
+    )
     model = load_compressed(base, artifact)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)

@@ -27,10 +27,16 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.config = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.embed = nn.Linear(64 * (image_size // 4) ** 2, FEATURE_DIM)
         self.head = nn.Linear(FEATURE_DIM, num_classes)
@@ -63,12 +69,13 @@ def _shift(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> to
     size = images.shape[-1]
     offsets = torch.randint(0, 2 * max_shift + 1, (images.shape[0], 2), generator=gen)
     for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, dy:dy + size, dx:dx + size]
+        out[i] = padded[i, :, dy : dy + size, dx : dx + size]
     return out
 
 
-def train_classifier(train_set, heldout_set, epochs: int = 20, batch_size: int = 128, lr: float = 2e-3,
-                     seed: int = 0) -> tuple[DigitClassifier, float]:
+def train_classifier(
+    train_set, heldout_set, epochs: int = 20, batch_size: int = 128, lr: float = 2e-3, seed: int = 0
+) -> tuple[DigitClassifier, float]:
     """Train the classifier on `train_set`; returns it and its held-out accuracy."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +87,7 @@ def train_classifier(train_set, heldout_set, epochs: int = 20, batch_size: int =
     for _ in range(epochs):
         order = torch.randperm(len(train_set), generator=gen)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             images = _shift(train_set.images[idx], gen)
             loss = F.cross_entropy(model(images), train_set.labels[idx])
             optimizer.zero_grad()

@@ -50,10 +50,9 @@ def test_two_process_training_and_sharded_sampling(tmp_path):
     assert "images" in rank0 and "images" not in rank1
     # one process, the same seeds: the same images
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_training import config, tiny_base, tiny_data
-
     import diffcr
     from diffcr.training import train
+    from test_training import config, tiny_base, tiny_data
 
     single = train(tmp_path / "single", tiny_base(), tiny_data(), config(mode="full", steps=2), progress=False)
     diffcr.freeze(single.model)

@@ -22,10 +22,10 @@ def demo(
     num_per_class: int = typer.Option(None, help="override the recipe's samples per class"),
 ) -> None:
     """Compress the shipped DiT on the bundled digits, sample dense and DiffCR, measure, report."""
+    from dataclasses import replace
+
     from diffcr.assess import summary_table
     from diffcr.demo import DemoRecipe, run_demo
-
-    from dataclasses import replace
 
     recipe = DemoRecipe.quick() if quick else DemoRecipe()
     overrides = {"steps": steps, "minutes": minutes, "num_per_class": num_per_class}

@@ -11,7 +11,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _feature_fid(classifier, real: torch.Tensor, fake: torch.Tensor) -> float:
+def feature_fid(classifier, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two image sets (in [-1, 1]) in the classifier's 128-d feature space."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from diffcr.models.classifier import ClassifierFeatures
@@ -23,11 +24,6 @@ def _feature_fid(classifier, real: torch.Tensor, fake: torch.Tensor) -> float:
         for chunk in fake.split(500):
             metric.update(chunk, real=False)
     return float(metric.compute())
-
-
-def feature_fid(classifier, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two image sets (in [-1, 1]) in the classifier's 128-d feature space."""
-    return _feature_fid(classifier, real, fake)
 
 
 def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

@@ -127,4 +127,5 @@ def load_classifier(folder: str | Path | None = None) -> DigitClassifier:
     meta = json.loads((folder / "classifier.json").read_text())
     model = DigitClassifier(**meta["config"])
     model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
+    model.card = {key: value for key, value in meta.items() if key != "config"}
     return model.eval()

@@ -45,13 +45,14 @@ class DiffCRController(nn.Module):
         self.kept_ratio = nn.Parameter(torch.full((num_layers, config.timestep_regions), config.init_kept_ratio))
         self.frozen_schedule: list[list[float]] | None = None
         self._regions: list[int] | None = None
-        self._eval_schedule: list[list[float]] | None = None
+        self._inference_plans: list[list[RoutingGroup]] | None = None
+        self._used_table: torch.Tensor | None = None
         self._used: dict[int, torch.Tensor] = {}
 
     def __getstate__(self):
         # the last forward's plan may hold autograd graph tensors, which cannot be deep-copied or pickled
         state = dict(self.__dict__)
-        state.update(_regions=None, _eval_schedule=None, _used={})
+        state.update(_regions=None, _inference_plans=None, _used_table=None, _used={})
         return state
 
     # -- per model call ---------------------------------------------------------------------------------
@@ -73,8 +74,23 @@ class DiffCRController(nn.Module):
                 raise ValueError(f"timestep has {timestep.numel()} values for a batch of {batch_size}")
             self._regions = timestep_region(timestep.detach().cpu(), regions, self.num_train_timesteps).tolist()
         self._used = {}
-        if self.frozen_schedule is None and not self.training:
-            self._eval_schedule = self.snapped_schedule()
+        self._inference_plans = None
+        if self.frozen_schedule is not None or not self.training:
+            self._plan_inference(self.frozen_schedule or self.snapped_schedule())
+
+    def _plan_inference(self, table: list[list[float]]) -> None:
+        """Plan every block of this forward at once: one host-to-device copy, and blocks whose samples keep
+        the same ratios share one plan (so a routed block call does no planning work of its own)."""
+        regions = self._regions
+        self._used_table = torch.tensor(table)[:, regions].to(self.kept_ratio.device)  # (L, B)
+        shared: dict[tuple, list[RoutingGroup]] = {}
+        plans = []
+        for row in table:
+            kept_per_sample = tuple(row[r] for r in regions)
+            if kept_per_sample not in shared:
+                shared[kept_per_sample] = self._group(list(kept_per_sample), lambda kept, members: [(kept, None)])
+            plans.append(shared[kept_per_sample])
+        self._inference_plans = plans
 
     def snapped_schedule(self) -> list[list[float]]:
         """The kept-ratio table snapped to the nearest bins: what eval mode and `freeze` run."""
@@ -94,14 +110,12 @@ class DiffCRController(nn.Module):
                     f"different batch size ({batch_size} vs {None if regions is None else len(regions)})"
                 )
             regions = [0] * batch_size
-        device = self.kept_ratio.device
         if self.frozen_schedule is not None or not self.training:
-            table = self.frozen_schedule if self.frozen_schedule is not None else self._eval_schedule
-            if table is None:
-                table = self.snapped_schedule()
-            kept_per_sample = [table[layer][r] for r in regions]
-            self._used[layer] = torch.tensor(kept_per_sample, device=device)
-            return self._group(kept_per_sample, lambda kept, members: [(kept, None)])
+            if self._inference_plans is None or regions is not self._regions:
+                self._regions = regions
+                self._plan_inference(self.frozen_schedule or self.snapped_schedule())
+            self._used[layer] = self._used_table[layer]
+            return self._inference_plans[layer]
         # training: per region, the two bins around the clamped ratio, blended with differentiable weights;
         # samples whose regions share the same two bins run together, each with its own weights
         bins = self.config.ratio_bins

@@ -1,0 +1,3 @@
+from diffcr.cli import main
+
+main()

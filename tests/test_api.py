@@ -69,6 +69,30 @@ def test_remove_restores_exactly(case):
     assert diffcr.is_applied(model)
 
 
+def test_remove_after_sigmoid_mlp_leaves_no_trace(case):
+    model = case.model()
+    diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp"))
+    set_kept(model, 0.5)
+    with torch.no_grad():
+        run(model, case.inputs(T_MIXED))
+    diffcr.remove(model)
+    assert all(not b.ff._forward_hooks and "_diffcr_mlp_gate" not in b.ff.__dict__ for b in model.transformer_blocks)
+
+
+def test_positional_call_finds_the_timestep(case):
+    import inspect
+
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4))
+    set_kept(model, [[1.0, 0.75, 0.5, 0.25]])
+    inputs = case.inputs(T_MIXED)
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    positional = [inputs.pop(name) if name in inputs else None for name in names[: names.index("timestep") + 1]]
+    with torch.no_grad():
+        by_position = model(*positional, **inputs).sample
+        by_name = run(model, case.inputs(T_MIXED))
+    assert torch.equal(by_position, by_name)
+
+
 def test_apply_twice_raises(case):
     model = diffcr.apply(case.model())
     with pytest.raises(ValueError, match="already applied"):
@@ -415,12 +439,40 @@ def test_gradient_checkpointing_keeps_working(case):
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
+        calls = count_block_tokens(model)
         out = run(model, inputs)
+        forward_calls = len(calls)
         (out.pow(2).mean() + diffcr.ratio_loss(model)).backward()
+        assert len(calls) == (2 * forward_calls if checkpointing else forward_calls)  # recomputed in backward
         grads = (model.diffcr.kept_ratio.grad.clone(), model.diffcr.routers[2].weight.grad.clone())
         results.append((out.detach(), *grads))
     for plain, ckpt in zip(*results):
         torch.testing.assert_close(plain, ckpt, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_training_step_is_finite(case):
+    model = diffcr.apply(case.model(), DiffCRConfig())
+    set_kept(model, [[1.0, 0.7, 0.5, 0.3]])
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, case.inputs(T_MIXED))
+        loss = out.float().pow(2).mean() + diffcr.ratio_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(model.diffcr.kept_ratio.grad).all() and model.diffcr.kept_ratio.grad.abs().sum() > 0
+
+
+def test_bf16_model_stays_bf16(case):
+    model = diffcr.apply(case.model().to(torch.bfloat16), DiffCRConfig(gate="sigmoid_block"))
+    set_kept(model, [[1.0, 0.7, 0.5, 0.3]])
+    inputs = {
+        k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in case.inputs(T_MIXED).items()
+    }
+    for mode in (False, True):
+        with torch.no_grad():
+            out = run(model.train(mode), inputs)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_bf16_autocast_forward_is_finite(case):

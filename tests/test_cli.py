@@ -156,3 +156,16 @@ def test_bad_inputs_give_clear_errors(pretrained, tmp_path):
     assert bad_classes.exit_code == 2 and "outside 0..9" in bad_classes.output
     bad_mode = invoke("compress", "--base", pretrained / "model", "--mode", "pretrain", "--out", tmp_path / "y")
     assert bad_mode.exit_code == 2 and "use --mode routers, lora or full" in bad_mode.output
+
+
+def test_base_loads_from_a_path_object(pretrained, tmp_path):
+    from diffcr.models import load_base_model
+    from diffcr.training import TrainConfig, train
+    from tests_helpers_data import tiny_digits
+
+    model = load_base_model(pretrained / "model")  # a Path, as the CLI's default path is
+    result = train(
+        tmp_path / "r", model, tiny_digits(), TrainConfig(mode="routers", steps=1, batch_size=2), progress=False
+    )
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["model_config"]["_name_or_path"]
+    assert result.steps_done == 1

@@ -133,8 +133,18 @@ def test_existing_run_needs_resume_and_matching_config(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     train(tmp_path / "r", tiny_base(num_layers=2), tiny_data(), config(steps=2), progress=False)
-    with pytest.raises(ValueError, match="does not match this model"):
+    with pytest.raises(ValueError, match="the base model's config differs"):
         train(tmp_path / "r", tiny_base(num_layers=3), tiny_data(), config(steps=4), resume=True, progress=False)
+    with pytest.raises(ValueError, match="the DiffCR config differs"):
+        train(
+            tmp_path / "r",
+            tiny_base(num_layers=2),
+            tiny_data(),
+            config(steps=4),
+            resume=True,
+            progress=False,
+            diffcr_config=diffcr.DiffCRConfig(target_kept_ratio=0.3),
+        )
 
 
 def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path):
@@ -147,6 +157,33 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path):
         train(tmp_path / "r", tiny_base(), poisoned, config(steps=4), resume=True, progress=False)
     assert latest_checkpoint(tmp_path / "r") == good
     assert (good / "trainable.safetensors").read_bytes() == good_bytes
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    model = tiny_base()
+    train(tmp_path / "r", model, tiny_data(), config(steps=2, mode="full"), progress=False)
+    good = latest_checkpoint(tmp_path / "r")
+    fresh = tiny_base()
+    # a finite loss whose gradient is infinite: a hook poisons one gradient
+    fresh.proj_out_2.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(TrainingDiverged, match="gradient norm became inf at step 2"):
+        train(tmp_path / "r", fresh, tiny_data(), config(steps=4, mode="full"), resume=True, progress=False)
+    assert torch.isfinite(fresh.proj_out_2.weight).all()
+    assert latest_checkpoint(tmp_path / "r") == good
+
+
+def test_ratios_stay_inside_the_bins_range(tmp_path):
+    # lambda 0 and a large ratio lr: only the diffusion loss moves the ratios; projection keeps them in range
+    result = train(
+        tmp_path / "r",
+        tiny_base(),
+        tiny_data(),
+        config(steps=3, ratio_lr=5.0),
+        progress=False,
+        diffcr_config=diffcr.DiffCRConfig(ratio_loss_weight=0.0, target_kept_ratio=0.1, ratio_bins=(1.0, 0.5, 0.25)),
+    )
+    kept = result.model.diffcr.kept_ratio
+    assert kept.min().item() >= 0.25 and kept.max().item() <= 1.0
 
 
 def test_interrupted_checkpoint_write_leaves_previous_one(tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ and a forward pre-hook on the model records the timestep each sample receives.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -43,9 +45,15 @@ def _controller(model) -> DiffCRController:
 
 
 def _timestep_pre_hook(model, args, kwargs):
-    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    model._modules[ATTR].begin_forward(timestep, hidden_states.shape[0])
+    # bind by name: the timestep is the 2nd positional argument of DiT but the 3rd of PixArt
+    bound = _forward_signature(type(model)).bind_partial(*args, **kwargs).arguments
+    model._modules[ATTR].begin_forward(bound.get("timestep"), bound["hidden_states"].shape[0])
+
+
+@functools.cache
+def _forward_signature(model_cls: type) -> inspect.Signature:
+    signature = inspect.signature(model_cls.forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
 
 
 def apply(model, config: DiffCRConfig | None = None):
@@ -112,6 +120,15 @@ def apply(model, config: DiffCRConfig | None = None):
     except BaseException:
         _undo(model, done)
         raise
+    dropping = [m for m in model.modules() if type(m).__name__ == "LabelEmbedding" and m.dropout_prob > 0]
+    if dropping and model.training:
+        logger.warning(
+            "%s drops class labels inside each block in train mode (dropout_prob=%s): the two blended bin passes "
+            "and each region group would see different labels. Set dropout_prob = 0 on its LabelEmbedding modules "
+            "and drop labels once in the training loop (diffcr.training.disable_label_dropout does this).",
+            type(model).__name__,
+            dropping[0].dropout_prob,
+        )
     logger.info(
         "DiffCR applied to %s: %d blocks, %d timestep regions, target kept ratio %.3f",
         type(model).__name__,
@@ -146,6 +163,7 @@ def remove(model):
     for handle in model.__dict__.get("_diffcr_handles", []):
         handle.remove()
     for module in model.modules():
+        module.__dict__.pop("_diffcr_mlp_gate", None)
         base_cls = getattr(type(module), "_diffcr_base_class", None)
         if base_cls is not None:
             module.__class__ = base_cls

@@ -21,7 +21,7 @@ def write_json_atomic(path: Path, payload) -> None:
     """Write JSON to `path` through a temporary file and `os.replace`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
 

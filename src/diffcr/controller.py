@@ -144,6 +144,13 @@ class DiffCRController(nn.Module):
         device = self.kept_ratio.device
         return [RoutingGroup(torch.tensor(idx, device=device), passes_of(key, idx)) for key, idx in members.items()]
 
+    def router_logits(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) router logits in fp32 even under autocast: bf16 scores tie often at 1000+ tokens, and
+        top-k membership must not depend on how ties break."""
+        weight = self.routers[layer].weight  # (1, C)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return torch.nn.functional.linear(tokens.float(), weight.float()).squeeze(-1)
+
     def used_kept_ratio(self) -> torch.Tensor:
         """(num_layers, B): the kept ratio each block used for each sample in the last forward."""
         if len(self._used) != self.num_layers:

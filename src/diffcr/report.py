@@ -142,7 +142,7 @@ def router_maps(
             )
             kept = sched[layer][region]
             num_kept = num_kept_tokens(kept, hidden.shape[1])
-            logits = controller.routers[layer](hidden.to(controller.routers[layer].weight.dtype)).squeeze(-1)
+            logits = controller.router_logits(layer, hidden)
             mask = torch.zeros(hidden.shape[:2])
             if 0 < num_kept < hidden.shape[1]:
                 mask.scatter_(1, select_tokens(logits, num_kept), 1.0)
@@ -196,7 +196,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     assessment = load_assessment(run_dir)
     model_dir = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else None
     artifact = model_dir or run_dir / "artifact"
-    model = load_compressed(None if model_dir is None else model_dir, artifact)
+    model = load_compressed(model_dir or run.get("base"), artifact)
     sample_cfg = SampleConfig(**assessment["sampler"])
     sched = diffcr.schedule(model)
 

@@ -98,7 +98,8 @@ def routed_forward(
     if gate == "sigmoid_mlp" or (gate == "straight_through" and not torch.is_grad_enabled()):
         kept_update = kept_out - kept_tokens if as_update else None
     else:
-        kept_update = (kept_out - kept_tokens) * gate_values(kept_logits, gate)  # (B, k, C)
+        # the gate follows the block's dtype (router logits are fp32), so a bf16 model stays bf16
+        kept_update = (kept_out - kept_tokens) * gate_values(kept_logits, gate).to(kept_out.dtype)  # (B, k, C)
     if as_update:
         return scatter_tokens(torch.zeros_like(tokens), kept_idx, kept_update)
     if kept_update is None:

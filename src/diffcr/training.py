@@ -256,7 +256,9 @@ def train(
             "to continue it, or choose another run directory"
         )
     if resume and ckpt is not None:
-        saved = json.loads((run_dir / "run.json").read_text())["train"]
+        saved_run = json.loads((run_dir / "run.json").read_text())
+        _check_same_run(run_dir, saved_run, base_model, diffcr_config, cfg, run_info)
+        saved = saved_run["train"]
         # a resumed run may run longer or under another time limit; anything else would change its steps
         extendable = ("steps", "max_minutes", "checkpoint_every", "num_threads")
         given = asdict(cfg)
@@ -277,6 +279,12 @@ def train(
     teacher = None
     if cfg.distill:
         teacher = copy.deepcopy(base_model).eval().requires_grad_(False).to(accelerator.device)
+    if cfg.mode != "pretrain":
+        from diffcr.config import DiffCRConfig
+
+        diffcr_config = diffcr_config or DiffCRConfig()
+        if diffcr_config.num_train_timesteps is None:  # regions cut the range this scheduler trains on
+            diffcr_config = diffcr_config.replace(num_train_timesteps=num_train_timesteps)
     model = prepare_model(base_model, cfg, diffcr_config)
     routed = cfg.mode != "pretrain"
     if routed:
@@ -366,20 +374,19 @@ def train(
                 ratio_loss = diffcr.ratio_loss(unwrapped)
                 mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
                 loss = diffusion_loss + ratio_weight * ratio_loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step}; stopped without saving. The last good checkpoint "
-                    f"in {run_dir} is intact: lower the learning rates or use --mixed-precision no, then --resume"
-                )
+            _stop_if_diverged(accelerator, loss, step, run_dir, "loss")
 
-            # 3. the update
+            # 3. the update; a non-finite gradient stops training before it can reach the weights
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * _lr_factor(step, cfg.warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            _stop_if_diverged(accelerator, grad_norm, step, run_dir, "gradient norm")
             optimizer.step()
+            if routed:  # keep every kept ratio inside the bins' range (METHOD section 2)
+                with torch.no_grad():
+                    unwrapped.diffcr.kept_ratio.clamp_(min(diffcr_config.ratio_bins), 1.0)
             step += 1
 
             # 4. logging and checkpoints
@@ -401,6 +408,9 @@ def train(
             bar.set_postfix(postfix)
             bar.update(1)
             out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) > cfg.max_minutes * 60
+            if world > 1:  # every rank must stop (and checkpoint) at the same step
+                flag = torch.tensor([float(out_of_time)], device=device)
+                out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 _checkpoint(accelerator, run_dir, step, model, optimizer, cfg)
             if out_of_time:
@@ -412,6 +422,40 @@ def train(
             metrics_file.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, accelerator.unwrap_model(model), step, time.perf_counter() - started)
+
+
+def _stop_if_diverged(accelerator, value: torch.Tensor, step: int, run_dir: Path, what: str) -> None:
+    """Raise `TrainingDiverged` on every rank when `value` is not finite on any rank."""
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=value.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(
+            f"{what} became {value.item() if value.numel() == 1 else 'non-finite'} at step {step}; stopped before "
+            f"updating the weights. The last good checkpoint in {run_dir} is intact: lower the learning rates or "
+            "use --mixed-precision no, then --resume"
+        )
+
+
+def _check_same_run(run_dir: Path, saved: dict, base_model, diffcr_config, cfg: TrainConfig, run_info) -> None:
+    """Refuse to resume with another base model, DiffCR config or base source than the run started with."""
+    problems = []
+    if saved.get("model_config") != json.loads(json.dumps(dict(base_model.config), default=str)):
+        problems.append("the base model's config differs")
+    if cfg.mode != "pretrain":
+        from diffcr.config import DiffCRConfig
+
+        given = (diffcr_config or DiffCRConfig()).to_dict()
+        stored = dict(saved.get("diffcr") or {})
+        if stored.get("num_train_timesteps") is not None and given.get("num_train_timesteps") is None:
+            given["num_train_timesteps"] = stored["num_train_timesteps"]
+        if stored != given:
+            problems.append(f"the DiffCR config differs (saved {stored}, given {given})")
+    for key, value in (run_info or {}).items():
+        if key in saved and saved[key] != value:
+            problems.append(f"{key} differs (saved {saved[key]!r}, given {value!r})")
+    if problems:
+        raise ValueError(f"cannot resume {run_dir}: " + "; ".join(problems))
 
 
 def _checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, cfg: TrainConfig) -> None:
@@ -466,10 +510,16 @@ def finish_compression(model, out_dir: str | Path, mode: str) -> dict[str, Path]
     Returns:
         {"artifact": path, "model": path (if written)}.
     """
+    from accelerate import PartialState
+
     import diffcr
 
     out_dir = Path(out_dir)
     diffcr.freeze(model)
+    state = PartialState()
+    if not state.is_main_process:  # under accelerate launch one process writes; the others wait
+        state.wait_for_everyone()
+        return {}
     written = {"artifact": diffcr.save(model, out_dir / "artifact")}
     if mode in ("lora", "full"):
         base = copy.deepcopy(model)
@@ -479,6 +529,7 @@ def finish_compression(model, out_dir: str | Path, mode: str) -> dict[str, Path]
         export_model(base, out_dir / "model")
         diffcr.save(model, out_dir / "model")
         written["model"] = out_dir / "model"
+    state.wait_for_everyone()
     return written
 
 
@@ -512,7 +563,11 @@ def load_compressed(base: str | Path | None = None, artifact: str | Path | None 
             raise FileNotFoundError(f"no shipped DiffCR artifact at {artifact}; pass --artifact DIR")
     if artifact is not None and str(artifact) == "none":
         artifact = None
-    if artifact is not None and base in (None, "default") and (Path(artifact) / "config.json").is_file():
+    if artifact is not None and (Path(artifact) / "config.json").is_file():
+        if base not in (None, "default") and Path(str(base)).resolve() != Path(artifact).resolve():
+            logger.warning(
+                "the artifact %s carries its own fine-tuned base weights; using them instead of %s", artifact, base
+            )
         base = artifact
     model = load_base_model(base)
     if artifact is not None:

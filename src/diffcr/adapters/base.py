@@ -98,7 +98,7 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
     # 2. router logits, once for the whole batch, only if some pass routes
     router_logits = None
     if kept_counts - {0, num_tokens}:
-        router_logits = controller.routers[layer](hidden_states).squeeze(-1)  # (B, N)
+        router_logits = controller.router_logits(layer, hidden_states)  # (B, N), fp32
     gate = controller.config.gate
     outputs, order = [], []
     for group in plan:

@@ -13,7 +13,7 @@ from diffcr.cli.common import friendly_errors
 @app.command()
 @friendly_errors
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="run directory (must not hold a finished run)"),
+    out: Path = typer.Option(None, help="run directory (default: a new runs/demo-<date>-<time>)"),
     quick: bool = typer.Option(False, help="a shorter run (about 3 minutes)"),
     seed: int = typer.Option(0),
     base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder"),
@@ -30,6 +30,10 @@ def demo(
     recipe = DemoRecipe.quick() if quick else DemoRecipe()
     overrides = {"steps": steps, "minutes": minutes, "num_per_class": num_per_class}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if out is None:
+        import time
+
+        out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     result = run_demo(out, recipe, base=base, seed=seed)
     assessment = result["assessment"]
     typer.echo("")

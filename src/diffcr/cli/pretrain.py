@@ -53,6 +53,10 @@ def pretrain(
         max_minutes=minutes,
         mixed_precision=mixed_precision,
     )
-    result = train(out, model, train_set, cfg, resume=resume)
+    result = train(out, model, train_set, cfg, resume=resume, run_info={"data": data})
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     export_model(result.model, out / "model")
     typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")

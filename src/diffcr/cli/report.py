@@ -32,10 +32,10 @@ def report(
         raise FileNotFoundError(f"{run_dir} is not a compression run (no run.json)")
     if not (run_dir / "assessment.json").is_file():
         model_dir = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else None
-        routed = load_compressed(model_dir, model_dir or run_dir / "artifact")
         import json
 
         run = json.loads((run_dir / "run.json").read_text())
+        routed = load_compressed(model_dir or run.get("base"), model_dir or run_dir / "artifact")
         dense = load_compressed(run.get("base"), None)
         train_set, heldout = load_dataset(run.get("data"))
         assess(run_dir, dense, routed, load_classifier(), heldout, train_set, SampleConfig(batch_size=25), num)

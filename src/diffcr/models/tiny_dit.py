@@ -94,5 +94,5 @@ def load_base_model(path: str | Path | None = None):
         path = SHIPPED_BASE_DIR
     local = Path(path)
     if local.is_dir() and not (local / "config.json").is_file() and (local / "transformer").is_dir():
-        return DiTTransformer2DModel.from_pretrained(local, subfolder="transformer")
-    return DiTTransformer2DModel.from_pretrained(path)
+        return DiTTransformer2DModel.from_pretrained(str(local), subfolder="transformer")
+    return DiTTransformer2DModel.from_pretrained(str(path))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One prepared run for a machine with an NVIDIA GPU (about 10 minutes): the test suite, then the full-size
+# PixArt-Sigma speed table in bf16. Uses the machine's own torch (CUDA build); installs diffcr without
+# dependencies when they are already present, else with them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+"$PY" -m pip install -q --no-deps -e . 2>/dev/null || "$PY" -m pip install -q -e .
+status=0
+timeout 300 "$PY" -m pytest -q -x tests/test_gpu.py tests/test_api.py tests/test_routing.py tests/test_ratios.py || status=$?
+timeout 280 "$PY" benchmarks/gpu_speed.py || status=$?
+exit $status

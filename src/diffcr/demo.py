@@ -22,7 +22,7 @@ class DemoRecipe:
     ratio_loss_weight: float = 0.3
     mode: str = "full"
     steps: int = 140
-    minutes: float = 5.5
+    minutes: float = 5.0
     batch_size: int = 32
     lr: float = 1e-4
     router_lr: float = 1e-3

@@ -27,12 +27,20 @@ def main() -> None:
     shape = {"width": 1152, "num_layers": 28, "heads": 16, "text_tokens": 300}
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        rows += routing_speed("pixart", 4096, batch, kept_ratios=(0.8, 0.5), repeats=args.repeats, warmup=3,
-                              dtype=torch.bfloat16, device="cuda", **shape)
+        rows += routing_speed(
+            "pixart",
+            4096,
+            batch,
+            kept_ratios=(0.8, 0.5),
+            repeats=args.repeats,
+            warmup=3,
+            dtype=torch.bfloat16,
+            device="cuda",
+            **shape,
+        )
         torch.cuda.empty_cache()
     print(speed_table_markdown(rows))
-    print(json.dumps({"machine": machine_description(), "shape": shape, "dtype": "bf16",
-                      "rows": rows_as_dicts(rows)}))
+    print(json.dumps({"machine": machine_description(), "shape": shape, "dtype": "bf16", "rows": rows_as_dicts(rows)}))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import CASES, run
 
 import diffcr
+from conftest import CASES, run
 from diffcr import DiffCRConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -33,7 +33,7 @@ def test_cuda_equivalence_and_mixed_batches(case):
         model.diffcr.kept_ratio.copy_(torch.tensor([[1.0, 0.7, 0.5, 0.3]]).expand_as(model.diffcr.kept_ratio))
         together = run(model, inputs)
         for b in range(4):
-            alone = run(model, {k: (v[b:b + 1] if torch.is_tensor(v) else v) for k, v in inputs.items()})
+            alone = run(model, {k: (v[b : b + 1] if torch.is_tensor(v) else v) for k, v in inputs.items()})
             torch.testing.assert_close(alone[0], together[b], atol=1e-4, rtol=1e-4)
 
 

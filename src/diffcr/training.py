@@ -440,7 +440,12 @@ def _stop_if_diverged(accelerator, value: torch.Tensor, step: int, run_dir: Path
 def _check_same_run(run_dir: Path, saved: dict, base_model, diffcr_config, cfg: TrainConfig, run_info) -> None:
     """Refuse to resume with another base model, DiffCR config or base source than the run started with."""
     problems = []
-    if saved.get("model_config") != json.loads(json.dumps(dict(base_model.config), default=str)):
+
+    def architecture(config: dict) -> dict:  # diffusers' "_" keys (source path, version, ...) are not the model
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    given_config = json.loads(json.dumps(dict(base_model.config), default=str))
+    if architecture(saved.get("model_config") or {}) != architecture(given_config):
         problems.append("the base model's config differs")
     if cfg.mode != "pretrain":
         from diffcr.config import DiffCRConfig

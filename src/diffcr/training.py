@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -499,10 +498,6 @@ def export_model(model, out_dir: str | Path) -> Path:
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
     return out_dir
-
-
-def estimate_steps(minutes: float, seconds_per_step: float) -> int:
-    return max(1, math.floor(minutes * 60 / seconds_per_step))
 
 
 def finish_compression(model, out_dir: str | Path, mode: str) -> dict[str, Path]:

@@ -140,16 +140,20 @@ def apply(model, config: DiffCRConfig | None = None):
 
 
 def _undo(model, done: list) -> None:
-    for kind, item in reversed(done):
-        if kind == "hook":
-            item.remove()
-        elif kind == "class":
-            block, base_cls = item
-            block.__class__ = base_cls
-            for name in ("_diffcr_controller", "_diffcr_layer"):
-                block.__dict__.pop(name, None)
-        elif kind == "attr":
-            del model._modules[ATTR]
+    _strip(model, [item for kind, item in done if kind == "hook"])
+
+
+def _strip(model, handles) -> None:
+    """Remove every trace of DiffCR that `apply` may have left, whether it finished or failed half-way."""
+    for handle in handles:
+        handle.remove()
+    for module in model.modules():
+        for name in ("_diffcr_controller", "_diffcr_layer", "_diffcr_mlp_gate"):
+            module.__dict__.pop(name, None)
+        base_cls = getattr(type(module), "_diffcr_base_class", None)
+        if base_cls is not None:
+            module.__class__ = base_cls
+    model._modules.pop(ATTR, None)
     model.__dict__.pop("_diffcr_handles", None)
 
 
@@ -160,17 +164,7 @@ def remove(model):
         ValueError: DiffCR is not applied.
     """
     _controller(model)
-    for handle in model.__dict__.get("_diffcr_handles", []):
-        handle.remove()
-    for module in model.modules():
-        module.__dict__.pop("_diffcr_mlp_gate", None)
-        base_cls = getattr(type(module), "_diffcr_base_class", None)
-        if base_cls is not None:
-            module.__class__ = base_cls
-            for name in ("_diffcr_controller", "_diffcr_layer"):
-                module.__dict__.pop(name, None)
-    del model._modules[ATTR]
-    model.__dict__.pop("_diffcr_handles", None)
+    _strip(model, model.__dict__.get("_diffcr_handles", []))
     return model
 
 

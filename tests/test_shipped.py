@@ -45,6 +45,7 @@ def test_shipped_models_draw_the_digits_asked_for():
         model = load_compressed(None, artifact)
         images = sample_images(model, labels, SampleConfig(steps=20, guidance_scale=3.0, batch_size=50), 10)
         accuracy[artifact] = classifier_accuracy(classifier, images, labels)
-    # measured: dense 0.72, DiffCR 0.82 (the base is under-trained; raise the floor when it is retrained)
-    assert accuracy["none"] >= 0.65, accuracy
+    # the base's bar is 0.90 (measured 0.925 on 200 samples, 0.95 on the demo's 100; DiffCR 0.96 there);
+    # the floor leaves room for the sampling noise of 100 samples (about 2.5 points)
+    assert accuracy["none"] >= 0.86, accuracy
     assert accuracy["default"] >= accuracy["none"] - 0.03, accuracy

@@ -141,6 +141,8 @@ def random_transformer(
             patch_size=2,
             caption_channels=width,
             norm_num_groups=32,
+            # PixArt-Sigma's setting; diffusers would switch on PixArt-alpha's size conditioning at 128x128
+            use_additional_conditions=False,
         )
 
         def make_inputs(batch: int) -> dict:
@@ -261,3 +263,195 @@ def speed_table_markdown(rows: list[SpeedRow]) -> str:
 
 def rows_as_dicts(rows: list[SpeedRow]) -> list[dict]:
     return [{**asdict(row), "efficiency": row.efficiency} for row in rows]
+
+
+# -- FLOPs and memory of what actually executed -------------------------------------------------------------
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
+    """(fn(), FLOPs of the matrix products it executed), counted by torch's `FlopCounterMode`.
+
+    torch's counter misses the CPU flash-attention kernel, so it is registered here with torch's own SDPA
+    formula. Elementwise work (norms, activations, gathers) is not counted, as in the analytic counts.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        result = fn()
+    return result, int(counter.get_total_flops())
+
+
+class _LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks the bytes of tensor storages that operators allocate while active, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            self.live -= self._bytes.pop(key)
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        input_tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {id(t) for t in input_tensors}
+        input_storages = {t.untyped_storage().data_ptr() for t in input_tensors}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or id(tensor) in inputs:
+                continue  # in-place ops return their input: no new memory
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or (key in input_storages and key not in self._refs):
+                continue  # a view of memory that existed before (weights, inputs): nothing new
+            if key not in self._refs:
+                self._refs[key] = 0
+                self._bytes[key] = storage.nbytes()
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            self._refs[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> tuple[object, int]:
+    """(fn(), peak bytes of the tensors it allocated on `device`): on CUDA the allocator's peak above the
+    starting level, on CPU the peak of live tensor storages that operators created (weights and inputs
+    excluded)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, int(torch.cuda.max_memory_allocated() - start)
+    with _LiveTensorBytes() as tracker:
+        result = fn()
+    return result, int(tracker.peak)
+
+
+# -- matching a target speedup --------------------------------------------------------------------------
+
+
+def match_knob(
+    speedup_of: Callable[[float], float],
+    target: float,
+    low: float,
+    high: float,
+    iterations: int = 6,
+    integer: bool = False,
+) -> tuple[float, float]:
+    """The knob value in [low, high] whose measured speedup is closest to `target`, by bisection.
+
+    `speedup_of(knob)` must grow with the knob (pass a negated knob otherwise). Returns (knob, its
+    speedup). Integer knobs (sampling steps) stop when the bracket closes.
+    """
+    if low > high:
+        raise ValueError(f"low={low} must be <= high={high}")
+    tried: dict[float, float] = {}
+
+    def measure(knob: float) -> float:
+        knob = float(round(knob)) if integer else knob
+        if knob not in tried:
+            tried[knob] = speedup_of(knob)
+        return tried[knob]
+
+    lo, hi = low, high
+    if measure(hi) <= target:
+        lo = hi
+    elif measure(lo) >= target:
+        hi = lo
+    for _ in range(iterations):
+        if (integer and hi - lo <= 1) or lo == hi:
+            break
+        mid = (lo + hi) / 2
+        if integer:
+            mid = float(round(mid))
+            if mid in (lo, hi):
+                break
+        if measure(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min(tried, key=lambda knob: abs(tried[knob] - target))
+    return best, tried[best]
+
+
+# -- training-step cost ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainStepRow:
+    family: str
+    num_tokens: int
+    batch_size: int
+    kept_ratio: float
+    dense_ms: float
+    diffcr_ms: float
+    cost_ratio: float
+
+
+def train_step_cost(
+    family: str,
+    num_tokens: int,
+    batch_size: int,
+    kept_ratio: float = 0.45,
+    repeats: int = 7,
+    warmup: int = 1,
+    **shape,
+) -> TrainStepRow:
+    """Forward + backward time of a DiffCR training step against a dense one of the same model, interleaved,
+    median of `repeats`. Every block sits at `kept_ratio`, between two bins, so both bins' passes run: 0.95
+    (bins 1.0 and 0.9, where training starts) is the costliest case, about two dense passes."""
+    import copy
+
+    import diffcr
+    from diffcr.training import disable_label_dropout
+
+    dense, make_inputs = random_transformer(family, num_tokens, **shape)
+    disable_label_dropout(dense)
+    dense.train()
+    routed = copy.deepcopy(dense)
+    diffcr.apply(routed, diffcr.DiffCRConfig(timestep_regions=1, init_kept_ratio=kept_ratio))
+    routed.train()
+    inputs = make_inputs(batch_size)
+
+    def step(model, with_ratio_loss: bool):
+        def call():
+            model.zero_grad(set_to_none=True)
+            out = model(**inputs).sample
+            loss = out.float().pow(2).mean()
+            if with_ratio_loss:
+                loss = loss + diffcr.ratio_loss(model, 0.5)
+            loss.backward()
+
+        return call
+
+    medians = time_alternating(
+        {"dense": step(dense, False), "diffcr": step(routed, True)}, repeats=repeats, warmup=warmup
+    )
+    return TrainStepRow(
+        family=family,
+        num_tokens=num_tokens,
+        batch_size=batch_size,
+        kept_ratio=kept_ratio,
+        dense_ms=medians["dense"] * 1e3,
+        diffcr_ms=medians["diffcr"] * 1e3,
+        cost_ratio=medians["diffcr"] / medians["dense"],
+    )

@@ -17,12 +17,17 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest"
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    """Write JSON to `path` through a temporary file and `os.replace`."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and `os.replace`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Write JSON to `path` through a temporary file and `os.replace`."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):

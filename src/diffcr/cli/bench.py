@@ -1,0 +1,42 @@
+"""`diffcr bench`: speed scaling, DiffCR against the alternatives, and the paper's findings, in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from diffcr.cli import app
+from diffcr.cli.common import friendly_errors
+
+
+@app.command()
+@friendly_errors
+def bench(
+    out: Path = typer.Option(None, help="output folder (default: a new runs/bench-<date>-<time>)"),
+    quick: bool = typer.Option(False, help="tiny sizes: the whole harness in about 2 minutes (a smoke run)"),
+    only: str = typer.Option(
+        "all", help="'all', or one part: 'scaling' (random-weight speed), 'train' (training-step cost), 'compare'"
+    ),
+    base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder"),
+    publish: Path = typer.Option(
+        None, help="instead of running: copy the results of this bench folder into --results-md and its images"
+    ),
+    results_md: Path = typer.Option(Path("docs/RESULTS.md"), help="the Markdown file --publish writes into"),
+) -> None:
+    """Measure everything side by side and write results.json, results.md and plots."""
+    from diffcr.harness import publish as publish_results
+    from diffcr.harness import run_bench
+
+    if publish is not None:
+        typer.echo(f"updated {publish_results(publish, results_md)}")
+        return
+    if only not in ("all", "scaling", "train", "compare"):
+        raise ValueError(f"--only {only!r}: use 'all', 'scaling', 'train' or 'compare'")
+    if out is None:
+        import time
+
+        out = Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    result = run_bench(out, quick=quick, base=None if base == "default" else base, parts=(only,))
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"whole bench {result.seconds / 60:.1f} min; results in {out}")

@@ -83,14 +83,12 @@ def assess(
     from diffcr.benchmark import machine_description
     from diffcr.evaluation import evaluate_samples, real_fid_floor
     from diffcr.models.tiny_dit import null_class_id
-    from diffcr.sampling import class_labels, denoise, initial_noise, model_image_shape, save_npz
+    from diffcr.sampling import denoise, initial_noise, interleaved_class_labels, model_image_shape, save_npz
 
     run_dir = Path(run_dir)
     classes = classes or list(range(heldout.num_classes))
-    labels = class_labels(classes, num_per_class)
-    # interleave classes so every batch holds a mix (same images either way: seeds follow the index)
-    order = torch.arange(len(labels)).reshape(len(classes), num_per_class).T.flatten()
-    labels = labels[order]
+    # every batch holds a mix of classes (same images either way: seeds follow the index)
+    labels = interleaved_class_labels(classes, num_per_class)
     null_class = null_class_id(dense_model)
     shape = model_image_shape(dense_model)
     dense_model.eval()

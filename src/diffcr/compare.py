@@ -235,15 +235,6 @@ def train_variant(
 # -- the contest ----------------------------------------------------------------------------------------
 
 
-def contest_labels(recipe: CompareRecipe) -> torch.Tensor:
-    """The recipe's class labels, interleaved (0, 1, ..., 9, 0, 1, ...) so that every batch mixes classes."""
-    from diffcr.sampling import class_labels
-
-    labels = class_labels(list(recipe.classes), recipe.num_per_class)
-    order = torch.arange(len(labels)).reshape(len(recipe.classes), recipe.num_per_class).T.flatten()
-    return labels[order]
-
-
 def run_contest(
     contestants: list[Contestant], classifier, heldout, recipe: CompareRecipe, progress: bool = True
 ) -> tuple[list[ContestResult], dict[str, torch.Tensor]]:
@@ -255,9 +246,9 @@ def run_contest(
 
     from diffcr.benchmark import count_flops, peak_memory
     from diffcr.evaluation import evaluate_samples
-    from diffcr.sampling import initial_noise, model_image_shape
+    from diffcr.sampling import initial_noise, interleaved_class_labels, model_image_shape
 
-    labels = contest_labels(recipe)
+    labels = interleaved_class_labels(list(recipe.classes), recipe.num_per_class)
     shape = model_image_shape(contestants[0].model)
     names = [c.name for c in contestants]
     if len(set(names)) != len(names):
@@ -354,6 +345,7 @@ def compare_methods(
     from diffcr.data import load_dataset
     from diffcr.models import load_base_model
     from diffcr.models.classifier import load_classifier
+    from diffcr.sampling import interleaved_class_labels
 
     recipe = recipe or CompareRecipe()
     out_dir = Path(out_dir)
@@ -362,7 +354,8 @@ def compare_methods(
     dense_model = load_base_model(base).eval()
     sample_cfg = recipe.sample_config()
     dense = Contestant(DENSE, None, f"{recipe.sampler_steps} steps", dense_model, sample_cfg)
-    probe_labels = contest_labels(recipe)[: recipe.sample_batch]  # a mix of classes, like the contest's batches
+    # a mix of classes, like the contest's batches
+    probe_labels = interleaved_class_labels(list(recipe.classes), recipe.num_per_class)[: recipe.sample_batch]
     search = SpeedupSearch(dense, probe_labels, recipe)
 
     def routed(model, method, target, knob):

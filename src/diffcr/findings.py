@@ -133,8 +133,9 @@ def stroke_alignment(model, labels: torch.Tensor, sample_cfg, seed_offset: int =
     strokes of the final images."""
     images, computed = computed_token_masks(model, labels, sample_cfg, seed_offset)
     strokes = stroke_tokens(images, model.config.patch_size)  # (B, N)
+    stroke_share = float(strokes.float().mean())  # chance: the same for every layer and phase
     layers = sorted({layer for _, layer, _ in computed})
-    on_stroke, chance = [], []
+    on_stroke = []
     phases = {"early (noisy)": [], "middle": [], "late (clean)": []}
     steps = sample_cfg.steps
     for layer in layers:
@@ -142,13 +143,12 @@ def stroke_alignment(model, labels: torch.Tensor, sample_cfg, seed_offset: int =
         hits = sum(int((mask & strokes).sum()) for _, mask in masks)
         total = sum(int(mask.sum()) for _, mask in masks)
         on_stroke.append(hits / total)
-        chance.append(float(strokes.float().mean()))
         for step, mask in masks:
             phase = list(phases)[min(2, 3 * step // steps)]
             phases[phase].append((int((mask & strokes).sum()), int(mask.sum())))
     by_phase = {
-        phase: (sum(h for h, _ in pairs) / max(1, sum(t for _, t in pairs)), float(strokes.float().mean()))
+        phase: (sum(h for h, _ in pairs) / max(1, sum(t for _, t in pairs)), stroke_share)
         for phase, pairs in phases.items()
         if pairs
     }
-    return StrokeAlignment(layers, on_stroke, chance, by_phase)
+    return StrokeAlignment(layers, on_stroke, [stroke_share] * len(layers), by_phase)

@@ -46,16 +46,7 @@ class ScalingPlan:
 
     @classmethod
     def quick(cls) -> ScalingPlan:
-        return cls(
-            sizes=((64, (1, 2)),),
-            width=64,
-            num_layers=2,
-            heads=2,
-            repeats=7,
-            warmup=1,
-            train_tokens=64,
-            train_batch=2,
-        )
+        return cls(sizes=((64, (1, 2)),), width=64, num_layers=2, heads=2, train_tokens=64, train_batch=2)
 
 
 @dataclass
@@ -151,8 +142,8 @@ def run_bench(
             "uniform_knobs": {str(k): v for k, v in comparison.uniform_knobs.items()},
             "recipe": asdict(recipe),
         }
-        result.findings = run_findings(comparison, recipe, out_dir)
-        result.plots.update(make_plots(result, comparison, recipe, out_dir))
+        result.findings = run_findings(comparison, recipe)
+        result.plots.update(make_plots(result, comparison, out_dir))
         result.part_seconds["compare"] = time.perf_counter() - part_started
     result.seconds = sum(result.part_seconds.values())
     _save(result, out_dir)
@@ -166,9 +157,11 @@ def _save(result: BenchResult, out_dir: Path) -> None:
     write_json_atomic(out_dir / "results.json", asdict(result))
 
 
-def run_findings(comparison, recipe, out_dir: Path) -> dict:
-    from dataclasses import asdict as as_dict
+def run_findings(comparison, recipe) -> dict:
+    import copy
 
+    import diffcr
+    from diffcr.baselines import randomize_routers
     from diffcr.compare import DIFFCR_LT, RANDOM
     from diffcr.findings import layer_ratios, ratio_convergence, region_ratios, stroke_alignment
     from diffcr.sampling import class_labels
@@ -177,7 +170,7 @@ def run_findings(comparison, recipe, out_dir: Path) -> dict:
     for name, run_dir in comparison.trained.items():
         if name.startswith(DIFFCR_LT) or name.startswith("gate ") or name.startswith("DiffCR-L "):
             findings["convergence"].append(
-                {"name": name, **as_dict(ratio_convergence(run_dir, comparison.models[name]))}
+                {"name": name, **asdict(ratio_convergence(run_dir, comparison.models[name]))}
             )
     key = f"{DIFFCR_LT} @{recipe.gate_speedup:g}x"
     if key not in comparison.models:
@@ -186,32 +179,22 @@ def run_findings(comparison, recipe, out_dir: Path) -> dict:
     findings["reference_model"] = key
     findings["layers"] = layer_ratios(model)
     findings["regions"] = [{"timesteps": list(bounds), "kept_ratio": kept} for bounds, kept in region_ratios(model)]
-    import diffcr
-
     findings["schedule"] = diffcr.schedule(model).kept_ratio
     labels = class_labels(list(recipe.classes), max(1, 20 // len(recipe.classes)))
     findings["stroke_images"] = len(labels)
     sample_cfg = recipe.sample_config()
     alignment = stroke_alignment(model, labels, sample_cfg)
-    findings["strokes"] = {**as_dict(alignment), "lift": alignment.lift}
-    from diffcr.baselines import randomize_routers
-
-    control = randomize_routers(_copy(model), seed=recipe.seed)
+    findings["strokes"] = {**asdict(alignment), "lift": alignment.lift}
+    control = randomize_routers(copy.deepcopy(model), seed=recipe.seed)
     random_alignment = stroke_alignment(control, labels, sample_cfg)
-    findings["strokes_random"] = {**as_dict(random_alignment), "lift": random_alignment.lift, "method": RANDOM}
+    findings["strokes_random"] = {**asdict(random_alignment), "lift": random_alignment.lift, "method": RANDOM}
     return findings
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 # -- plots ----------------------------------------------------------------------------------------------
 
 
-def make_plots(result: BenchResult, comparison, recipe, out_dir: Path) -> dict:
+def make_plots(result: BenchResult, comparison, out_dir: Path) -> dict:
     from diffcr.report import _matplotlib, plot_schedule
 
     plt = _matplotlib()

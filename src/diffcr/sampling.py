@@ -117,6 +117,12 @@ def class_labels(classes: list[int], per_class: int) -> torch.Tensor:
     return torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
 
 
+def interleaved_class_labels(classes: list[int], per_class: int) -> torch.Tensor:
+    """Labels in round-robin order (classes[0], classes[1], ..., classes[0], ...), so that any run of
+    consecutive samples, such as a sampling batch, mixes the classes."""
+    return torch.tensor(list(classes) * per_class, dtype=torch.long)
+
+
 def parse_classes(text: str, num_classes: int) -> list[int]:
     """ "0-9" or "1,3,5" or "7" -> list of class ids; raises ValueError naming the bad part."""
     classes: list[int] = []

@@ -245,7 +245,8 @@ def test_interpolation_blends_the_two_nearest_bins(case):
     set_kept(model, [[1.0], [0.85], [1.0]])
     with torch.no_grad():
         run(model.train(), inputs)
-    torch.testing.assert_close(block_out["y"], 0.5 * single[0.9] + 0.5 * single[0.8], atol=1e-6, rtol=0)
+    # 0.85 is not exactly halfway in fp32 ((0.85 - 0.8) / 0.1 = 0.49999976): allow that much of the difference
+    torch.testing.assert_close(block_out["y"], 0.5 * single[0.9] + 0.5 * single[0.8], atol=1e-5, rtol=0)
     assert not torch.allclose(single[0.9], single[0.8])
 
 

@@ -18,7 +18,18 @@ from diffcr import DiffCRConfig
         ({"ratio_bins": (1.0, 0.5, 0.5)}, "has duplicates"),
         ({"ratio_bins": (0.9, 0.5)}, "must start at 1.0"),
         ({"ratio_bins": (1.0,)}, "at least two bins"),
-        ({"timestep_regions": 0}, "timestep_regions=0 must be an integer >= 1"),
+        ({"timestep_regions": 0}, r"timestep_regions=0 must be in \[1, 1000\]"),
+        ({"timestep_regions": 10**6}, r"timestep_regions=1000000 must be in \[1, 1000\]"),
+        ({"timestep_regions": 8, "num_train_timesteps": 4}, "more than num_train_timesteps=4"),
+        ({"timestep_regions": True}, "must be an integer, got bool"),
+        ({"ratio_bins": (1.0, 0.9, 0.8), "target_kept_ratio": 0.2}, "below the lowest bin 0.8"),
+        ({"ratio_bins": "1.0,0.5"}, "must be a sequence"),
+        ({"ratio_bins": (1.0, float("nan"))}, "must be finite"),
+        ({"ratio_loss_weight": float("nan")}, "ratio_loss_weight=nan must be finite"),
+        ({"ratio_loss_weight": 1e30}, r"ratio_loss_weight=1e\+30 must be in \[0, 10000\]"),
+        ({"target_kept_ratio": "0.5"}, "target_kept_ratio='0.5' must be a number, got str"),
+        ({"target_kept_ratio": float("inf")}, "must be finite"),
+        ({"num_train_timesteps": 0}, "num_train_timesteps=0 must be >= 1"),
         ({"timestep_regions": 2.5}, "timestep_regions=2.5"),
         ({"gate": "magic"}, "gate='magic' is not one of"),
         ({"ratio_loss_weight": -1}, "ratio_loss_weight=-1"),
@@ -28,6 +39,19 @@ from diffcr import DiffCRConfig
 def test_bad_config_raises_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DiffCRConfig(**kwargs)
+
+
+def test_config_json_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no DiffCRConfig JSON file at"):
+        DiffCRConfig.from_json(tmp_path / "missing.json")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("target: 0.5")
+    with pytest.raises(ValueError, match="garbage.json is not valid JSON"):
+        DiffCRConfig.from_json(garbage)
+    with pytest.raises(ValueError, match="must be an object"):
+        DiffCRConfig.from_dict([1, 2])
+    with pytest.raises(ValueError, match="timestep_regions='4' must be an integer, got str"):
+        DiffCRConfig.from_dict({"timestep_regions": "4"})
 
 
 def test_json_round_trip_and_version():

@@ -20,6 +20,7 @@ import torch
 from diffcr.adapters import get_adapter
 from diffcr.adapters.base import mlp_gate_hook, routed_class
 from diffcr.config import CONFIG_VERSION, DiffCRConfig
+from diffcr.contracts import execution_device, register_config, routed_model_class
 from diffcr.controller import DiffCRController
 from diffcr.ratios import ratio_loss_value
 
@@ -95,10 +96,15 @@ def apply(model, config: DiffCRConfig | None = None):
                 "disable feed-forward chunking or use another gate"
             )
     num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
-    reference = next(model.parameters())
+    if config.timestep_regions > num_train_timesteps:
+        raise ValueError(
+            f"timestep_regions={config.timestep_regions} is more than the model's {num_train_timesteps} training "
+            f"timesteps: regions would be empty; use at most {num_train_timesteps} (the paper uses 4 to 10)"
+        )
     controller = DiffCRController(config, len(blocks), adapter.hidden_size(model), num_train_timesteps)
-    controller.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
-    controller.kept_ratio.data = controller.kept_ratio.data.float()
+    # fp32 on the device the model computes on (the controller keeps fp32 through later casts); on a model
+    # that is already offloaded the controller stays there: it is a few kilobytes
+    controller.to(device=execution_device(model))
     controller.train(model.training)
 
     # every change below is undone if any step fails, so a failed apply leaves the model as it was
@@ -106,6 +112,10 @@ def apply(model, config: DiffCRConfig | None = None):
     try:
         model.add_module(ATTR, controller)
         done.append(("attr", None))
+        model_cls = type(model)
+        model.__class__ = routed_model_class(model_cls)
+        done.append(("class", (model, model_cls)))
+        register_config(model, config.replace(num_train_timesteps=num_train_timesteps).to_dict())
         for layer, block in enumerate(blocks):
             base_cls = type(block)
             block.__class__ = routed_class(base_cls)
@@ -153,6 +163,7 @@ def _strip(model, handles) -> None:
         base_cls = getattr(type(module), "_diffcr_base_class", None)
         if base_cls is not None:
             module.__class__ = base_cls
+    register_config(model, None)
     model._modules.pop(ATTR, None)
     model.__dict__.pop("_diffcr_handles", None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -10,6 +11,20 @@ CONFIG_TYPE = "DiffCRConfig"
 CONFIG_VERSION = 1
 GATES = ("straight_through", "sigmoid_block", "sigmoid_mlp")
 DEFAULT_RATIO_BINS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# more regions than this leave most regions without a single training timestep (the paper found 4..10 useful)
+MAX_TIMESTEP_REGIONS = 1000
+# the authors' code weights the ratio loss 50; far above that it drowns the diffusion loss and the model
+MAX_RATIO_LOSS_WEIGHT = 1e4
+
+
+def _check_number(name: str, value, integer: bool = False) -> None:
+    """Refuse what is not a finite real number (or integer): a clear message instead of a later TypeError."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name}={value!r} must be {kind}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be finite")
 
 
 @dataclass(frozen=True)
@@ -43,18 +58,29 @@ class DiffCRConfig:
     init_kept_ratio: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_number("target_kept_ratio", self.target_kept_ratio)
+        _check_number("timestep_regions", self.timestep_regions, integer=True)
+        _check_number("ratio_loss_weight", self.ratio_loss_weight)
+        _check_number("init_kept_ratio", self.init_kept_ratio)
+        if self.num_train_timesteps is not None:
+            _check_number("num_train_timesteps", self.num_train_timesteps, integer=True)
+        if not isinstance(self.gate, str) or self.gate not in GATES:
+            raise ValueError(f"gate={self.gate!r} is not one of {GATES}")
+        if isinstance(self.ratio_bins, (str, bytes)) or not hasattr(self.ratio_bins, "__iter__"):
+            raise ValueError(f"ratio_bins={self.ratio_bins!r} must be a sequence of kept ratios, e.g. (1.0, 0.9, 0.8)")
+        for value in self.ratio_bins:
+            _check_number("a value of ratio_bins", value)
         object.__setattr__(self, "ratio_bins", tuple(float(b) for b in self.ratio_bins))
         if not 0.0 < self.target_kept_ratio <= 1.0:
             raise ValueError(
                 f"target_kept_ratio={self.target_kept_ratio} is outside (0, 1]; it is the fraction of tokens "
                 "kept (0.8 = 20 % compression)"
             )
-        if (
-            isinstance(self.timestep_regions, bool)
-            or not isinstance(self.timestep_regions, int)
-            or self.timestep_regions < 1
-        ):
-            raise ValueError(f"timestep_regions={self.timestep_regions!r} must be an integer >= 1 (1 = DiffCR-L)")
+        if not 1 <= self.timestep_regions <= MAX_TIMESTEP_REGIONS:
+            raise ValueError(
+                f"timestep_regions={self.timestep_regions} must be in [1, {MAX_TIMESTEP_REGIONS}] (1 = DiffCR-L; "
+                "the paper uses 4 to 10)"
+            )
         bins = self.ratio_bins
         if len(bins) < 2:
             raise ValueError(f"ratio_bins={bins} needs at least two bins, e.g. (1.0, 0.9, ..., 0.1)")
@@ -67,12 +93,23 @@ class DiffCRConfig:
             raise ValueError(f"ratio_bins={bins} must be sorted descending, e.g. {tuple(sorted(bins, reverse=True))}")
         if bins[0] != 1.0:
             raise ValueError(f"ratio_bins={bins} must start at 1.0 so that a layer can stay dense")
-        if self.gate not in GATES:
-            raise ValueError(f"gate={self.gate!r} is not one of {GATES}")
-        if self.ratio_loss_weight < 0:
-            raise ValueError(f"ratio_loss_weight={self.ratio_loss_weight} must be >= 0")
+        if self.target_kept_ratio < bins[-1]:
+            raise ValueError(
+                f"target_kept_ratio={self.target_kept_ratio} is below the lowest bin {bins[-1]}: no schedule can "
+                f"reach it; raise the target or add lower bins (ratio_bins={bins})"
+            )
+        if not 0.0 <= self.ratio_loss_weight <= MAX_RATIO_LOSS_WEIGHT:
+            raise ValueError(
+                f"ratio_loss_weight={self.ratio_loss_weight} must be in [0, {MAX_RATIO_LOSS_WEIGHT:g}] (the paper: "
+                "0.3; the authors' code: 50); far larger weights drown the diffusion loss"
+            )
         if self.num_train_timesteps is not None and self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 1 (or None)")
+        if self.num_train_timesteps is not None and self.timestep_regions > self.num_train_timesteps:
+            raise ValueError(
+                f"timestep_regions={self.timestep_regions} is more than num_train_timesteps="
+                f"{self.num_train_timesteps}: regions would be empty"
+            )
         if not bins[-1] <= self.init_kept_ratio <= 1.0:
             raise ValueError(f"init_kept_ratio={self.init_kept_ratio} must lie in [{bins[-1]}, 1.0] (the bins' range)")
 
@@ -90,6 +127,8 @@ class DiffCRConfig:
     @classmethod
     def from_dict(cls, payload: dict) -> DiffCRConfig:
         """Build from `to_dict` output; refuses other types, newer versions and unknown keys."""
+        if not isinstance(payload, dict):
+            raise ValueError(f"a {CONFIG_TYPE} JSON must be an object, got {type(payload).__name__}")
         payload = dict(payload)
         kind = payload.pop("_type", CONFIG_TYPE)
         version = payload.pop("_version", CONFIG_VERSION)
@@ -104,7 +143,7 @@ class DiffCRConfig:
         unknown = sorted(set(payload) - known)
         if unknown:
             raise ValueError(f"unknown {CONFIG_TYPE} keys {unknown}; valid keys: {sorted(known)}")
-        if "ratio_bins" in payload:
+        if isinstance(payload.get("ratio_bins"), list):
             payload["ratio_bins"] = tuple(payload["ratio_bins"])
         return cls(**payload)
 
@@ -112,6 +151,14 @@ class DiffCRConfig:
     def from_json(cls, text_or_path: str | Path) -> DiffCRConfig:
         """Parse a JSON string, or read a `.json` file (e.g. a preset in `configs/`)."""
         text = str(text_or_path)
+        source = "the JSON text"
         if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"no {CONFIG_TYPE} JSON file at {path} (see configs/*.json for presets)")
+            text, source = path.read_text(), str(path)
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not valid JSON ({err}); a {CONFIG_TYPE} looks like configs/*.json") from err
+        return cls.from_dict(payload)

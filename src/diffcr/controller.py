@@ -8,6 +8,7 @@ live under the single `diffcr.` prefix and the base model's own state-dict keys 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,27 @@ class DiffCRController(nn.Module):
         self._used_table: torch.Tensor | None = None
         self._used: dict[int, torch.Tensor] = {}
 
+    def forward(self) -> torch.Tensor:
+        """The kept-ratio table (L, R).
+
+        Read through a module call, never as `self.kept_ratio` directly, so that offloading hooks (accelerate's
+        `cpu_offload`, diffusers' group offloading), which move weights onto the device around module calls,
+        see every read.
+        """
+        return self.kept_ratio
+
+    def _apply(self, fn, recurse=True):
+        # Routers and ratios stay fp32 whatever the model is cast to: a bf16 kept ratio loses updates smaller
+        # than 2^-8 (the ratio lr times a small gradient) and bf16 router logits tie often at 1000+ tokens.
+        # Device moves still apply.
+        def keep_fp32(tensor):
+            moved = fn(tensor)
+            if tensor.dtype == torch.float32 and moved.dtype != torch.float32:
+                return tensor.to(device=moved.device)
+            return moved
+
+        return super()._apply(keep_fp32, recurse)
+
     def __getstate__(self):
         # the last forward's plan may hold autograd graph tensors, which cannot be deep-copied or pickled
         state = dict(self.__dict__)
@@ -57,38 +79,65 @@ class DiffCRController(nn.Module):
 
     # -- per model call ---------------------------------------------------------------------------------
     def begin_forward(self, timestep, batch_size: int) -> None:
-        """Record each sample's timestep region (called by the model's forward pre-hook)."""
+        """Record each sample's timestep region (called by the model's forward pre-hook).
+
+        Planning waits for the first block call: under offloading the ratios reach the device only then.
+        """
+        self._regions = self.regions_of(timestep, batch_size)
+        self._used = {}
+        self._inference_plans = None
+
+    def regions_of(self, timestep, batch_size: int) -> list[int]:
+        """The timestep region of each sample, from the timestep values the model receives."""
         regions = self.config.timestep_regions
         if regions == 1:
-            self._regions = [0] * batch_size
-        elif timestep is None:
+            return [0] * batch_size
+        if timestep is None:
             raise ValueError(
                 f"DiffCR with timestep_regions={regions} needs the timestep the model receives; call the model "
                 "with timestep=..., or use timestep_regions=1"
             )
-        else:
-            timestep = torch.as_tensor(timestep).flatten()
-            if timestep.numel() == 1:
-                timestep = timestep.expand(batch_size)
-            if timestep.numel() != batch_size:
-                raise ValueError(f"timestep has {timestep.numel()} values for a batch of {batch_size}")
-            self._regions = timestep_region(timestep.detach().cpu(), regions, self.num_train_timesteps).tolist()
-        self._used = {}
-        self._inference_plans = None
-        if self.frozen_schedule is not None or not self.training:
-            self._plan_inference(self.frozen_schedule or self.snapped_schedule())
+        timestep = torch.as_tensor(timestep).detach().flatten()
+        if timestep.numel() == 1:
+            timestep = timestep.expand(batch_size)
+        if timestep.numel() != batch_size:
+            raise ValueError(f"timestep has {timestep.numel()} values for a batch of {batch_size}")
+        timestep = timestep.cpu()
+        if timestep.is_floating_point() and not torch.isfinite(timestep).all():
+            raise ValueError(
+                f"timestep holds non-finite values ({timestep.tolist()}); DiffCR picks each sample's kept ratios "
+                f"from its timestep in [0, {self.num_train_timesteps}), so pass finite timesteps"
+            )
+        return timestep_region(timestep, regions, self.num_train_timesteps).tolist()
 
-    def _plan_inference(self, table: list[list[float]]) -> None:
+    @contextlib.contextmanager
+    def replaying(self, regions: list[int] | None):
+        """Run block calls with the regions of an earlier forward, and restore the current forward's state.
+
+        Gradient checkpointing recomputes blocks in the backward pass, possibly after another forward (an EMA or
+        logging step) changed the regions: the recomputation must route exactly as its own forward did, and
+        must not overwrite what the newer forward recorded for the ratio loss.
+        """
+        saved = (self._regions, self._inference_plans, self._used_table, self._used)
+        self._regions, self._inference_plans, self._used_table, self._used = regions, None, None, {}
+        try:
+            yield
+        finally:
+            self._regions, self._inference_plans, self._used_table, self._used = saved
+
+    def _plan_inference(self, table: list[list[float]], device: torch.device) -> None:
         """Plan every block of this forward at once: one host-to-device copy, and blocks whose samples keep
         the same ratios share one plan (so a routed block call does no planning work of its own)."""
         regions = self._regions
-        self._used_table = torch.tensor(table)[:, regions].to(self.kept_ratio.device)  # (L, B)
+        self._used_table = torch.tensor(table)[:, regions].to(device)  # (L, B)
         shared: dict[tuple, list[RoutingGroup]] = {}
         plans = []
         for row in table:
             kept_per_sample = tuple(row[r] for r in regions)
             if kept_per_sample not in shared:
-                shared[kept_per_sample] = self._group(list(kept_per_sample), lambda kept, members: [(kept, None)])
+                shared[kept_per_sample] = self._group(
+                    list(kept_per_sample), lambda kept, members: [(kept, None)], device
+                )
             plans.append(shared[kept_per_sample])
         self._inference_plans = plans
 
@@ -96,11 +145,11 @@ class DiffCRController(nn.Module):
         """The kept-ratio table snapped to the nearest bins: what eval mode and `freeze` run."""
         bins = self.config.ratio_bins
         low = min(bins)
-        table = self.kept_ratio.detach().clamp(low, 1.0).tolist()
+        table = self().detach().clamp(low, 1.0).tolist()
         return [[snap_to_bin(value, bins) for value in row] for row in table]
 
     # -- per block call ---------------------------------------------------------------------------------
-    def layer_plan(self, layer: int, batch_size: int) -> list[RoutingGroup]:
+    def layer_plan(self, layer: int, batch_size: int, device: torch.device) -> list[RoutingGroup]:
         """Which kept ratios block `layer` runs for which samples; records the ratios used for the loss."""
         regions = self._regions
         if regions is None or len(regions) != batch_size:
@@ -113,15 +162,16 @@ class DiffCRController(nn.Module):
         if self.frozen_schedule is not None or not self.training:
             if self._inference_plans is None or regions is not self._regions:
                 self._regions = regions
-                self._plan_inference(self.frozen_schedule or self.snapped_schedule())
+                self._plan_inference(self.frozen_schedule or self.snapped_schedule(), device)
             self._used[layer] = self._used_table[layer]
             return self._inference_plans[layer]
         # training: per region, the two bins around the clamped ratio, blended with differentiable weights;
         # samples whose regions share the same two bins run together, each with its own weights
         bins = self.config.ratio_bins
+        table = self()  # (L, R)
         continuous, brackets = {}, {}
         for region in sorted(set(regions)):
-            continuous[region] = clamp_straight_through(self.kept_ratio[layer, region], min(bins), 1.0)
+            continuous[region] = clamp_straight_through(table[layer, region], min(bins), 1.0)
             brackets[region] = bracket(continuous[region], bins)
         self._used[layer] = torch.stack([continuous[r] for r in regions])  # (B,)
         bin_pairs = [(brackets[r][0][0], brackets[r][1][0]) for r in regions]
@@ -131,9 +181,9 @@ class DiffCRController(nn.Module):
             weights_low = torch.stack([brackets[regions[i]][1][1] for i in members])  # (b,)
             return [(pair[0], weights_high), (pair[1], weights_low)]
 
-        return self._group(bin_pairs, passes_of)
+        return self._group(bin_pairs, passes_of, device)
 
-    def _group(self, keys: list, passes_of) -> list[RoutingGroup]:
+    def _group(self, keys: list, passes_of, device: torch.device) -> list[RoutingGroup]:
         """One `RoutingGroup` per distinct key, in order of first appearance."""
         members: dict = {}
         for i, key in enumerate(keys):
@@ -141,15 +191,14 @@ class DiffCRController(nn.Module):
         if len(members) == 1:
             ((key, idx),) = members.items()
             return [RoutingGroup(None, passes_of(key, idx))]
-        device = self.kept_ratio.device
         return [RoutingGroup(torch.tensor(idx, device=device), passes_of(key, idx)) for key, idx in members.items()]
 
     def router_logits(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) router logits in fp32 even under autocast: bf16 scores tie often at 1000+ tokens, and
         top-k membership must not depend on how ties break."""
-        weight = self.routers[layer].weight  # (1, C)
+        # a module call (not a read of the weight), so that offloading hooks bring the weight to the device
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            return torch.nn.functional.linear(tokens.float(), weight.float()).squeeze(-1)
+            return self.routers[layer](tokens.float()).squeeze(-1)
 
     def used_kept_ratio(self) -> torch.Tensor:
         """(num_layers, B): the kept ratio each block used for each sample in the last forward."""

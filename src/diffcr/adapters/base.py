@@ -88,7 +88,7 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
     layer = block._diffcr_layer
     batch_size, num_tokens, _ = hidden_states.shape
     # 1. the plan: which kept ratios run for which samples
-    plan = controller.layer_plan(layer, batch_size)
+    plan = controller.layer_plan(layer, batch_size, hidden_states.device)
     kept_counts = {num_kept_tokens(kept, num_tokens) for group in plan for kept, _ in group.passes}
     if kept_counts == {num_tokens} and all(w is None for group in plan for _, w in group.passes):
         return base_forward(block, hidden_states, *args, **kwargs)  # dense: zero overhead
@@ -132,7 +132,7 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
                 update = routed_forward(
                     tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate, as_update=True
                 )  # (b, N, C)
-                out = out + weight.to(update.dtype).view(-1, 1, 1) * update  # weight (b,) per sample
+                out = out + weight.to(update).view(-1, 1, 1) * update  # weight (b,) per sample
         outputs.append(out)
     if len(outputs) == 1:
         return outputs[0]
@@ -153,6 +153,20 @@ def mlp_gate_hook(module, inputs, output):
 _ROUTED_CLASSES: dict[type, type] = {}
 
 
+def rebuild_routed(base_cls: type, make_routed):
+    """Unpickling: an empty instance of the routed subclass of `base_cls` (its state is set afterwards)."""
+    instance = base_cls.__new__(base_cls)
+    instance.__class__ = make_routed(base_cls)
+    return instance
+
+
+def reduce_routed(self, protocol):
+    """Pickle a routed module by its base class: the generated subclass has no importable name, and is made
+    again on loading."""
+    base_cls = type(self)._diffcr_base_class
+    return (rebuild_routed, (base_cls, type(self)._diffcr_factory), self.__getstate__())
+
+
 def routed_class(block_cls: type) -> type:
     """A subclass of `block_cls` whose forward routes tokens (cached: one subclass per block class)."""
     if block_cls not in _ROUTED_CLASSES:
@@ -162,6 +176,13 @@ def routed_class(block_cls: type) -> type:
             return routed_block_call(self, base_forward, hidden_states, args, kwargs)
 
         _ROUTED_CLASSES[block_cls] = type(
-            f"DiffCR{block_cls.__name__}", (block_cls,), {"forward": forward, "_diffcr_base_class": block_cls}
+            f"DiffCR{block_cls.__name__}",
+            (block_cls,),
+            {
+                "forward": forward,
+                "_diffcr_base_class": block_cls,
+                "_diffcr_factory": staticmethod(routed_class),
+                "__reduce_ex__": reduce_routed,
+            },
         )
     return _ROUTED_CLASSES[block_cls]

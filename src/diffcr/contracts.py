@@ -1,0 +1,179 @@
+"""What a routed model keeps of diffusers' contracts: `save_pretrained` / `from_pretrained` and `from_config`
+(so `EMAModel` round trips), gradient checkpointing, device maps, layerwise casting, offloading and pickling.
+
+`apply` swaps the model's class for a subclass made here, as it does for each block. The subclass keeps the
+base class's name and module, because diffusers writes them into `config.json` (`_class_name`) and pipelines
+into `model_index.json`: a routed model saved on its own or inside a pipeline stays a loadable diffusers
+folder. What it changes:
+
+- `save_pretrained` writes the clean base checkpoint (no `diffcr.*` keys) and the DiffCR artifact files
+  (`diffcr_weights.safetensors`, `diffcr_config.json`) into the same folder; `config.json` records the DiffCR
+  config under `_diffcr` (diffusers ignores keys that start with "_"). A plain `from_pretrained` of the folder
+  gives the dense base; `diffcr.from_pretrained` or `diffcr.load` give the routed model.
+- `from_config` / `from_pretrained` on the routed class return routed models, so that
+  `EMAModel(model.parameters(), model_cls=type(model), model_config=model.config)` saves and loads routers and
+  ratios with the base weights.
+- gradient checkpointing recomputes each block with the timestep regions of the forward it belongs to.
+- `_no_split_modules` and `_repeated_blocks` also name the routed block classes; layerwise casting skips
+  `diffcr`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from diffcr.adapters.base import ROUTABLE_BLOCKS, reduce_routed, routed_class
+
+ATTR = "diffcr"
+CONFIG_KEY = "_diffcr"
+
+_ROUTED_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _with_routed_names(names, routed_too: bool):
+    """`names` (class-name patterns) plus the routed block class names, or None if the base has none."""
+    if names is None:
+        return None
+    extra = [routed_class_name(n) for n in names if n in ROUTABLE_BLOCKS] if routed_too else [ATTR]
+    return [*names, *(n for n in extra if n not in names)]
+
+
+def routed_class_name(block_name: str) -> str:
+    return f"DiffCR{block_name}"
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """Write the clean base checkpoint and the DiffCR artifact into `save_directory`."""
+    from diffcr import api
+
+    base_cls = type(self)._diffcr_base_class
+    if kwargs.get("is_main_process", True):
+        # the artifact first: a `push_to_hub=True` save uploads the folder at the end of the base save
+        api.save(self, save_directory)
+    controller = self._modules[ATTR]
+    names = list(self._modules)
+    del self._modules[ATTR]  # the base checkpoint holds the base weights only
+    try:
+        return base_cls.save_pretrained(self, save_directory, *args, **kwargs)
+    finally:
+        self._modules[ATTR] = controller
+        # keep the original module order (and so the order of `parameters()`, which optimizers and EMA rely on)
+        for name in names:
+            self._modules[name] = self._modules.pop(name)
+
+
+def _from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    """The routed model saved in `pretrained_model_name_or_path` (see `diffcr.from_pretrained`)."""
+    from diffcr import api
+
+    return api.from_pretrained(pretrained_model_name_or_path, model_cls=cls._diffcr_base_class, **kwargs)
+
+
+def _from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+    """The base class's `from_config`, then DiffCR applied with the config recorded under `_diffcr`."""
+    from diffcr import api
+    from diffcr.config import DiffCRConfig
+
+    result = cls._diffcr_base_class.from_config(config, return_unused_kwargs, **kwargs)
+    model = result[0] if return_unused_kwargs else result
+    payload = dict(config or {}).get(CONFIG_KEY)
+    if payload is None:
+        raise ValueError(
+            f"this config has no {CONFIG_KEY!r} entry, so it does not say how to route; build the dense model "
+            f"with {cls._diffcr_base_class.__name__}.from_config and call diffcr.apply(model, config)"
+        )
+    api.apply(model, DiffCRConfig.from_dict(payload))
+    return result
+
+
+def _get_checkpointing_func(self):
+    inner = self.__dict__.get("_gradient_checkpointing_func")
+    controller = self._modules.get(ATTR)
+    if inner is None or controller is None:
+        return inner
+    return _ReplayingCheckpoint(inner, controller)
+
+
+def _set_checkpointing_func(self, value) -> None:
+    self.__dict__["_gradient_checkpointing_func"] = value
+
+
+class _ReplayingCheckpoint:
+    """diffusers' gradient-checkpointing function, with each block recomputed under the timestep regions of
+    the forward that first ran it (not those of the model's latest forward)."""
+
+    def __init__(self, inner, controller):
+        self.inner = inner
+        self.controller = controller
+
+    def __call__(self, block, *args, **kwargs):
+        controller = self.controller
+        regions = controller._regions
+        calls = 0
+
+        def run(*run_args, **run_kwargs):
+            nonlocal calls
+            calls += 1
+            replay = controller.replaying(regions) if calls > 1 else contextlib.nullcontext()
+            with replay:
+                return block(*run_args, **run_kwargs)
+
+        return self.inner(run, *args, **kwargs)
+
+
+def routed_model_class(model_cls: type) -> type:
+    """The routed subclass of a diffusers model class (cached: one per class)."""
+    if model_cls not in _ROUTED_MODEL_CLASSES:
+        namespace = {
+            "__module__": model_cls.__module__,
+            "__qualname__": model_cls.__qualname__,
+            "__doc__": model_cls.__doc__,
+            "_diffcr_base_class": model_cls,
+            "_diffcr_factory": staticmethod(routed_model_class),
+            "__reduce_ex__": reduce_routed,
+            "save_pretrained": _save_pretrained,
+            "from_pretrained": classmethod(_from_pretrained),
+            "from_config": classmethod(_from_config),
+            "_gradient_checkpointing_func": property(_get_checkpointing_func, _set_checkpointing_func),
+        }
+        for name in ("_no_split_modules", "_repeated_blocks"):
+            if hasattr(model_cls, name):
+                namespace[name] = _with_routed_names(getattr(model_cls, name), routed_too=True)
+        # layerwise casting (fp8 storage) must not touch the routers: their scores pick the kept tokens
+        patterns = list(getattr(model_cls, "_skip_layerwise_casting_patterns", None) or [])
+        namespace["_skip_layerwise_casting_patterns"] = _with_routed_names(patterns, routed_too=False)
+        _ROUTED_MODEL_CLASSES[model_cls] = type(model_cls.__name__, (model_cls,), namespace)
+    return _ROUTED_MODEL_CLASSES[model_cls]
+
+
+def register_config(model, payload: dict | None) -> None:
+    """Record the DiffCR config in the model's diffusers config (`model.config["_diffcr"]`), or drop it."""
+    internal = getattr(model, "_internal_dict", None)
+    if internal is None:
+        return
+    values = {k: v for k, v in internal.items() if k != CONFIG_KEY}
+    if payload is not None:
+        values[CONFIG_KEY] = payload
+    model._internal_dict = type(internal)(values)
+
+
+def execution_device(model):
+    """Where the model computes: an offloading hook's execution device if it has one (accelerate's
+    `cpu_offload` / `cpu_offload_with_hook`, diffusers' group offloading), else its parameters' device."""
+    import torch
+
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or [hook]:
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        registry = getattr(module, "_diffusers_hook", None)
+        for one in getattr(registry, "hooks", {}).values():
+            group = getattr(one, "group", None)
+            if getattr(group, "onload_device", None) is not None:
+                return torch.device(group.onload_device)
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")

@@ -20,7 +20,7 @@ import torch
 from diffcr.adapters import get_adapter
 from diffcr.adapters.base import mlp_gate_hook, routed_class
 from diffcr.config import CONFIG_VERSION, DiffCRConfig
-from diffcr.contracts import execution_device, register_config, routed_model_class
+from diffcr.contracts import execution_device, register_config, retarget_hooked_forward, routed_model_class
 from diffcr.controller import DiffCRController
 from diffcr.ratios import ratio_loss_value
 
@@ -120,6 +120,8 @@ def apply(model, config: DiffCRConfig | None = None):
             base_cls = type(block)
             block.__class__ = routed_class(base_cls)
             done.append(("class", (block, base_cls)))
+            # offloading hooks attached before `apply` call the forward they saw: make them call the routed one
+            retarget_hooked_forward(block, base_cls.forward, block.__class__.forward)
             object.__setattr__(block, "_diffcr_controller", controller)
             object.__setattr__(block, "_diffcr_layer", layer)
             if config.gate == "sigmoid_mlp":
@@ -162,6 +164,8 @@ def _strip(model, handles) -> None:
             module.__dict__.pop(name, None)
         base_cls = getattr(type(module), "_diffcr_base_class", None)
         if base_cls is not None:
+            if "forward" in type(module).__dict__:
+                retarget_hooked_forward(module, type(module).forward, base_cls.forward)
             module.__class__ = base_cls
     register_config(model, None)
     model._modules.pop(ATTR, None)
@@ -311,19 +315,81 @@ def save(model, path: str | os.PathLike) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach() for name, t in controller.state_dict().items()}
+    # the values the model uses: a custom loop that does not clamp may leave ratios past the bins' range
+    tensors["kept_ratio"] = tensors["kept_ratio"].clamp(min(controller.config.ratio_bins), 1.0)
     save_file_atomic(tensors, folder / WEIGHTS_NAME, metadata={"diffcr": json.dumps(description)})
     write_json_atomic(folder / CONFIG_NAME, description)
     return folder
 
 
+_DESCRIPTION_TYPES = {
+    "format": int,
+    "config": dict,
+    "model_class": str,
+    "num_layers": int,
+    "hidden_size": int,
+    "num_train_timesteps": int,
+    "frozen": bool,
+}
+
+
+def _check_description(description, source: str) -> dict:
+    """Refuse a description that is not what `save` writes: a clear message naming the field."""
+    if not isinstance(description, dict):
+        raise ValueError(f"{source}: the DiffCR description must be a JSON object, got {type(description).__name__}")
+    for key, kind in _DESCRIPTION_TYPES.items():
+        value = description.get(key)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ValueError(
+                f"{source}: field {key!r} must be {kind.__name__}, found {value!r}; the artifact is damaged or "
+                "was not written by diffcr.save: save it again"
+            )
+    if description["format"] > ARTIFACT_FORMAT:
+        raise ValueError(
+            f"{source}: artifact format {description['format']} is newer than this diffcr reads ({ARTIFACT_FORMAT}); "
+            "upgrade diffcr"
+        )
+    version = description["config"].get("_version", 0)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ValueError(
+            f"{source}: artifact config version {version!r} is newer than this diffcr reads ({CONFIG_VERSION}); "
+            "upgrade diffcr"
+        )
+    try:
+        DiffCRConfig.from_dict(description["config"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: its DiffCR config is invalid: {err}") from err
+    return description
+
+
+def _parse_json(text: str, source: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{source} is not valid JSON ({err}); the artifact is damaged: save it again with diffcr.save"
+        ) from err
+
+
 def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read an artifact folder: (description, tensors). Raises ValueError with the reason when it is not one."""
+    """Read and check an artifact folder: (description, tensors).
+
+    The description is the JSON in the weights' metadata; `diffcr_config.json` beside them, when present, must
+    say the same (a hand-edited JSON that no longer matches the weights is refused, not ignored).
+
+    Raises:
+        FileNotFoundError: no artifact there.
+        ValueError: the files are damaged, disagree, or come from a newer diffcr; the message says which.
+    """
     from safetensors import SafetensorError, safe_open
 
     folder = Path(path)
     weights = folder / WEIGHTS_NAME if folder.is_dir() else folder
     if not weights.is_file():
-        raise FileNotFoundError(f"no DiffCR artifact at {folder}: {WEIGHTS_NAME} is missing (made by diffcr.save)")
+        raise FileNotFoundError(
+            f"no DiffCR artifact at {folder}: {WEIGHTS_NAME} is missing (written by diffcr.save or "
+            "model.save_pretrained of a routed model)"
+        )
     try:
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -332,18 +398,36 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     if "diffcr" not in metadata:
         raise ValueError(f"{weights} has no DiffCR description in its metadata; it was not written by diffcr.save")
-    description = json.loads(metadata["diffcr"])
-    if description.get("format", 0) > ARTIFACT_FORMAT:
-        raise ValueError(
-            f"artifact format {description.get('format')} is newer than this diffcr reads "
-            f"({ARTIFACT_FORMAT}); upgrade diffcr"
-        )
-    if description["config"].get("_version", 0) > CONFIG_VERSION:
-        raise ValueError(
-            f"artifact config version {description['config'].get('_version')} is newer than this "
-            f"diffcr reads ({CONFIG_VERSION}); upgrade diffcr"
-        )
+    description = _check_description(_parse_json(metadata["diffcr"], f"the metadata of {weights}"), str(weights))
+    beside = weights.with_name(CONFIG_NAME)
+    if beside.is_file():
+        described = _check_description(_parse_json(beside.read_text(), str(beside)), str(beside))
+        differ = sorted(k for k in set(description) | set(described) if description.get(k) != described.get(k))
+        if differ:
+            raise ValueError(
+                f"{beside} disagrees with the description inside {weights.name} in {differ}; the JSON was edited or "
+                f"belongs to another artifact. Save the artifact again (diffcr.save), or delete {CONFIG_NAME} to "
+                "use the weights' own description"
+            )
+    else:
+        logger.warning("%s has no %s beside it; using the description inside the weights", weights, CONFIG_NAME)
+    _check_tensors(tensors, description, str(weights))
     return description, tensors
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], description: dict, source: str) -> None:
+    """Finite routers and ratios, and ratios inside the bins' range (the trainer keeps them there)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: tensor {name!r} holds NaN or infinite values; the artifact is unusable")
+    ratios = tensors.get("kept_ratio")
+    if ratios is not None:
+        low = min(description["config"].get("ratio_bins") or [0.0])
+        if ratios.numel() and (ratios.min() < low - 1e-6 or ratios.max() > 1.0 + 1e-6):
+            raise ValueError(
+                f"{source}: kept ratios range over [{ratios.min().item():.4g}, {ratios.max().item():.4g}], outside "
+                f"the bins' range [{low}, 1.0]; the artifact is damaged"
+            )
 
 
 def load(model, path: str | os.PathLike):
@@ -387,3 +471,68 @@ def load(model, path: str | os.PathLike):
         remove(model)
         raise
     return model
+
+
+def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
+    """Load a routed model in one call from a folder (or hub repo) written by `model.save_pretrained` of a routed
+    model: the base weights through the model class's own `from_pretrained`, then the DiffCR artifact beside
+    them.
+
+    Args:
+        pretrained_model_name_or_path: a local folder or a hub repo id.
+        subfolder: e.g. "transformer" inside a pipeline folder.
+        **kwargs: passed to diffusers' `from_pretrained` (`torch_dtype`, `revision`, ...); `model_cls` picks the
+            diffusers class (default: `_class_name` of its config.json).
+
+    Returns:
+        The routed model (frozen if it was saved frozen).
+
+    Raises:
+        FileNotFoundError: the folder has no DiffCR artifact (a dense checkpoint: load it with diffusers and call
+            `diffcr.apply`).
+
+    Example:
+        >>> import diffcr, tempfile
+        >>> from diffcr.models import build_base_model
+        >>> folder = tempfile.mkdtemp()
+        >>> diffcr.apply(build_base_model(num_layers=2)).save_pretrained(folder)
+        >>> diffcr.is_applied(diffcr.from_pretrained(folder))
+        True
+    """
+    model_cls = kwargs.pop("model_cls", None) or _model_class(pretrained_model_name_or_path, subfolder, kwargs)
+    artifact = _artifact_folder(pretrained_model_name_or_path, subfolder, kwargs)
+    model = model_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    return load(model, artifact)
+
+
+def _model_class(path, subfolder: str | None, kwargs: dict) -> type:
+    import diffusers
+
+    config_file = _fetch(path, subfolder, "config.json", kwargs)
+    name = _parse_json(config_file.read_text(), str(config_file)).get("_class_name")
+    model_cls = getattr(diffusers, str(name), None)
+    if model_cls is None:
+        raise ValueError(f"{config_file} names no diffusers model class (_class_name={name!r})")
+    return model_cls
+
+
+def _artifact_folder(path, subfolder: str | None, kwargs: dict) -> Path:
+    """The local folder holding the artifact files (downloaded into the hub cache for a repo id)."""
+    weights = _fetch(path, subfolder, WEIGHTS_NAME, kwargs)
+    if Path(path).is_dir() and not weights.is_file():
+        raise FileNotFoundError(
+            f"{weights.parent} holds no DiffCR artifact ({WEIGHTS_NAME}); for a dense checkpoint, load it with "
+            "diffusers and call diffcr.apply(model, config) or diffcr.load(model, artifact_dir)"
+        )
+    _fetch(path, subfolder, CONFIG_NAME, kwargs)
+    return weights.parent
+
+
+def _fetch(path, subfolder: str | None, filename: str, kwargs: dict) -> Path:
+    """`filename` in a local folder, or downloaded from a hub repo into the cache."""
+    if Path(path).is_dir():
+        return Path(path) / (subfolder or "") / filename
+    from huggingface_hub import hf_hub_download
+
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    return Path(hf_hub_download(str(path), filename, subfolder=subfolder, **hub))

@@ -21,6 +21,7 @@ folder. What it changes:
 from __future__ import annotations
 
 import contextlib
+import os
 
 from diffcr.adapters.base import ROUTABLE_BLOCKS, reduce_routed, routed_class
 
@@ -74,7 +75,10 @@ def _from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
     from diffcr import api
     from diffcr.config import DiffCRConfig
 
-    result = cls._diffcr_base_class.from_config(config, return_unused_kwargs, **kwargs)
+    base_cls = cls._diffcr_base_class
+    if isinstance(config, (str, os.PathLike)):  # a folder, as `EMAModel.from_pretrained` passes
+        config = base_cls.load_config(config)
+    result = base_cls.from_config(config, return_unused_kwargs, **kwargs)
     model = result[0] if return_unused_kwargs else result
     payload = dict(config or {}).get(CONFIG_KEY)
     if payload is None:
@@ -177,3 +181,43 @@ def execution_device(model):
         if param.device.type != "meta":
             return param.device
     return torch.device("cpu")
+
+
+def retarget_hooked_forward(module, old_func, new_func) -> None:
+    """Point the forward that hooks saved at `new_func` (bound to `module`) where it was `old_func`.
+
+    accelerate's `add_hook_to_module` (sequential and model CPU offload) and diffusers' `HookRegistry` (group
+    offloading, caches) wrap a module's forward *as it was when they were attached*, as an instance attribute.
+    A class swap after that would be bypassed silently (the model would run dense), and a swap back would
+    leave the routed forward in place. So `apply` and `remove` retarget what those hooks call.
+
+    Raises:
+        ValueError: the forward is wrapped by something else, which diffcr cannot see through.
+    """
+    import types
+
+    if "forward" not in module.__dict__:
+        return
+
+    def is_old(function) -> bool:
+        return getattr(function, "__self__", None) is module and getattr(function, "__func__", None) is old_func
+
+    new_bound = types.MethodType(new_func, module)
+    found = False
+    if is_old(module.__dict__["forward"]):
+        module.__dict__["forward"] = new_bound
+        found = True
+    if is_old(module.__dict__.get("_old_forward")):
+        module.__dict__["_old_forward"] = new_bound
+        found = True
+    registry = module.__dict__.get("_diffusers_hook")
+    for ref in getattr(registry, "_fn_refs", None) or []:
+        for name in ("forward", "original_forward"):
+            if is_old(getattr(ref, name, None)):
+                setattr(ref, name, new_bound)
+                found = True
+    if not found:
+        raise ValueError(
+            f"the forward of this {type(module).__name__} is wrapped by a hook diffcr does not know "
+            f"({module.__dict__['forward']!r}); apply DiffCR before adding such hooks, or remove them first"
+        )

@@ -51,6 +51,9 @@ def test_sequential_cpu_offload_matches_plain_routed_model(case, when):
     out = output(model, case)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    # removing DiffCR from the offloaded model gives the dense model back, still offloaded
+    diffcr.remove(model)
+    torch.testing.assert_close(output(model, case), output(case.model(), case), atol=0, rtol=0)
 
 
 def _saved(model, folder=None):
@@ -68,16 +71,24 @@ def test_model_cpu_offload_matches_plain_routed_model(case):
     hook.offload()
 
 
+@pytest.mark.parametrize("when", ["apply_then_offload", "offload_then_apply"])
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
-def test_group_offloading_matches_plain_routed_model(offload_type):
+def test_group_offloading_matches_plain_routed_model(offload_type, when):
     from diffusers.hooks import apply_group_offloading
 
     case = PixArtCase  # diffusers' DiT declares _supports_group_offloading = False
     expected = output(routed(case), case)
-    model = routed(case)
     options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
-    apply_group_offloading(model, onload_device="cpu", offload_type=offload_type, **options)
+    if when == "apply_then_offload":
+        model = routed(case)
+        apply_group_offloading(model, onload_device="cpu", offload_type=offload_type, **options)
+    else:
+        model = case.model()
+        apply_group_offloading(model, onload_device="cpu", offload_type=offload_type, **options)
+        diffcr.load(model, _saved(routed(case)))
     torch.testing.assert_close(output(model, case), expected, atol=0, rtol=0)
+    diffcr.remove(model)
+    torch.testing.assert_close(output(model, case), output(case.model(), case), atol=0, rtol=0)
 
 
 def test_no_split_modules_name_the_routed_blocks():
@@ -282,3 +293,29 @@ def test_more_regions_than_timesteps_is_refused(case):
     with pytest.raises(ValueError, match="more than the model's 10 training timesteps"):
         diffcr.apply(model, DiffCRConfig(timestep_regions=20))
     assert not diffcr.is_applied(model)
+
+
+def test_pipeline_save_pretrained_keeps_a_loadable_pipeline(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    from conftest import DiTCase
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=2,
+        block_out_channels=(8,),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    transformer = routed(DiTCase)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path)
+    # model_index.json still names the diffusers class, so diffusers loads the pipeline (dense transformer)
+    assert json.loads((tmp_path / "model_index.json").read_text())["transformer"] == [
+        "diffusers",
+        "DiTTransformer2DModel",
+    ]
+    assert not diffcr.is_applied(DiTPipeline.from_pretrained(tmp_path).transformer)
+    loaded = diffcr.from_pretrained(tmp_path, subfolder="transformer")
+    torch.testing.assert_close(output(loaded, DiTCase), output(transformer, DiTCase), atol=1e-6, rtol=0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from diffcr.adapters.base import ROUTABLE_BLOCKS, reduce_routed, routed_class
+from diffcr.adapters.base import ROUTABLE_BLOCKS, reduce_routed
 
 ATTR = "diffcr"
 CONFIG_KEY = "_diffcr"

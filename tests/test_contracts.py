@@ -287,6 +287,15 @@ def test_nan_timestep_is_a_clear_error(case):
         run(model, inputs)
 
 
+def test_timestep_outside_the_regions_range_is_a_clear_error(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4, num_train_timesteps=10))
+    with pytest.raises(ValueError, match=r"fall outside \[0, 10\].*set DiffCRConfig.num_train_timesteps"):
+        output(model, case, timesteps=[5, 999])
+    with pytest.raises(ValueError, match="fall outside"):
+        output(model, case, timesteps=[-1, 5])
+    output(model, case, timesteps=[0, 10])  # both ends are fine
+
+
 def test_more_regions_than_timesteps_is_refused(case):
     model = case.model()
     model.register_to_config(num_train_timesteps=10)
@@ -319,3 +328,10 @@ def test_pipeline_save_pretrained_keeps_a_loadable_pipeline(tmp_path):
     assert not diffcr.is_applied(DiTPipeline.from_pretrained(tmp_path).transformer)
     loaded = diffcr.from_pretrained(tmp_path, subfolder="transformer")
     torch.testing.assert_close(output(loaded, DiTCase), output(transformer, DiTCase), atol=1e-6, rtol=0)
+
+
+def test_save_into_a_file_path_is_a_clear_error(case, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        diffcr.save(routed(case), blocker / "artifact")

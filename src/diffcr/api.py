@@ -313,6 +313,9 @@ def save(model, path: str | os.PathLike) -> Path:
     controller = _controller(model)
     description = _artifact_description(model)
     folder = Path(path)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"cannot save the DiffCR artifact in {folder}: {blocker} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach() for name, t in controller.state_dict().items()}
     # the values the model uses: a custom loop that does not clamp may leave ratios past the bins' range

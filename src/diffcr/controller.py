@@ -103,12 +103,20 @@ class DiffCRController(nn.Module):
         if timestep.numel() != batch_size:
             raise ValueError(f"timestep has {timestep.numel()} values for a batch of {batch_size}")
         timestep = timestep.cpu()
+        total = self.num_train_timesteps
         if timestep.is_floating_point() and not torch.isfinite(timestep).all():
             raise ValueError(
                 f"timestep holds non-finite values ({timestep.tolist()}); DiffCR picks each sample's kept ratios "
-                f"from its timestep in [0, {self.num_train_timesteps}), so pass finite timesteps"
+                f"from its timestep in [0, {total}], so pass finite timesteps"
             )
-        return timestep_region(timestep, regions, self.num_train_timesteps).tolist()
+        if (timestep < 0).any() or (timestep > total).any():
+            # a timestep past T usually means the regions were cut on the wrong range: every sample would
+            # silently land in the last region
+            raise ValueError(
+                f"timestep values {timestep.tolist()} fall outside [0, {total}], the range DiffCR cuts into "
+                f"{regions} regions; set DiffCRConfig.num_train_timesteps to the scheduler's num_train_timesteps"
+            )
+        return timestep_region(timestep, regions, total).tolist()
 
     @contextlib.contextmanager
     def replaying(self, regions: list[int] | None):

@@ -1,0 +1,150 @@
+"""Image-caption sources for text-to-image: a folder of images with same-stem `.txt` captions, a JSONL or CSV
+manifest with `image` and `caption` columns, or a `datasets` dataset saved with `save_to_disk`.
+
+Every source yields `CaptionRecord`s in a fixed order (sorted by name for folders, file order for manifests),
+so an encoded cache is deterministic and a rerun can skip the shards it already wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One image and its caption.
+
+    Attributes:
+        name: what a person can find the record by (file path or dataset row).
+        caption: the text.
+        image: a path to the image file, or the image itself (a PIL image, from a `datasets` dataset).
+    """
+
+    name: str
+    caption: str
+    image: object
+
+
+@dataclass
+class CaptionSource:
+    """The usable records of a source, and what was skipped (name, reason)."""
+
+    records: list[CaptionRecord]
+    skipped: list[tuple[str, str]]
+
+
+def read_caption_source(src: str | Path) -> CaptionSource:
+    """Read the records of an image-caption source.
+
+    Empty captions and captions without an image are skipped and listed by name in `skipped` (the caller
+    reports them); images that do not decode are found later, when they are encoded.
+
+    Raises:
+        FileNotFoundError: `src` does not exist.
+        ValueError: the source has no usable record, or a manifest lacks the `image` / `caption` columns.
+    """
+    path = Path(src)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"caption data {str(path)!r} does not exist; pass a folder of images with same-stem .txt captions, a "
+            ".jsonl or .csv manifest with image and caption columns, or a `datasets` folder (save_to_disk)"
+        )
+    if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
+        source = _from_datasets(path)
+    elif path.is_dir():
+        source = _from_folder(path)
+    elif path.suffix.lower() in (".jsonl", ".csv"):
+        source = _from_manifest(path)
+    else:
+        raise ValueError(f"{path} is not a folder, a .jsonl or a .csv manifest; see `diffcr prepare --help`")
+    if not source.records:
+        reasons = "; ".join(f"{name}: {why}" for name, why in source.skipped[:5])
+        raise ValueError(f"{path} holds no usable image-caption pair" + (f" ({reasons})" if reasons else ""))
+    return source
+
+
+def _from_folder(root: Path) -> CaptionSource:
+    images = {p.stem: p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    captions = {p.stem: p for p in sorted(root.rglob("*.txt")) if p.is_file()}
+    records, skipped = [], []
+    for stem in sorted(set(images) | set(captions)):
+        if stem not in images:
+            skipped.append((str(captions[stem]), "caption file with no image of the same name"))
+            continue
+        if stem not in captions:
+            skipped.append((str(images[stem]), f"image with no caption file {stem}.txt"))
+            continue
+        text = captions[stem].read_text(encoding="utf-8", errors="replace").strip()
+        if not text:
+            skipped.append((str(captions[stem]), "empty caption"))
+            continue
+        records.append(CaptionRecord(str(images[stem]), text, images[stem]))
+    return CaptionSource(records, skipped)
+
+
+def _manifest_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not JSON ({err}); each line must be an object") from err
+    return rows
+
+
+def _from_manifest(path: Path) -> CaptionSource:
+    rows = _manifest_rows(path)
+    if rows and not all(isinstance(row, dict) and "image" in row and "caption" in row for row in rows):
+        raise ValueError(f"{path}: every row needs an 'image' (path, relative to the manifest) and a 'caption'")
+    records, skipped = [], []
+    for number, row in enumerate(rows, start=1):
+        image = Path(str(row["image"]))
+        image = image if image.is_absolute() else path.parent / image
+        name = f"{path.name} row {number} ({image})"
+        caption = str(row["caption"] or "").strip()
+        if not image.is_file():
+            skipped.append((name, "image file not found"))
+        elif not caption:
+            skipped.append((name, "empty caption"))
+        else:
+            records.append(CaptionRecord(str(image), caption, image))
+    return CaptionSource(records, skipped)
+
+
+def _from_datasets(path: Path) -> CaptionSource:
+    try:
+        from datasets import load_from_disk
+    except ImportError as err:
+        raise ValueError(
+            f"{path} is a `datasets` folder: install the optional dependency (pip install datasets)"
+        ) from err
+    dataset = load_from_disk(str(path))
+    if hasattr(dataset, "keys"):  # a DatasetDict: the train split
+        if "train" not in dataset:
+            raise ValueError(f"{path} is a DatasetDict without a 'train' split (splits: {list(dataset.keys())})")
+        dataset = dataset["train"]
+    columns = set(dataset.column_names)
+    if not {"image", "caption"} <= columns:
+        raise ValueError(f"{path}: the dataset needs 'image' and 'caption' columns, it has {sorted(columns)}")
+    records, skipped = [], []
+    for index, row in enumerate(dataset):
+        name = f"{path.name}[{index}]"
+        caption = str(row["caption"] or "").strip()
+        if not caption:
+            skipped.append((name, "empty caption"))
+        else:
+            records.append(CaptionRecord(name, caption, row["image"]))
+    return CaptionSource(records, skipped)

@@ -1,0 +1,343 @@
+"""Encode an image-caption dataset once with a PixArt pipeline's own VAE and text encoder, as PixArt's training
+does (the encoders dominate the cost of a training step), into safetensors shards plus a JSON manifest.
+
+Latents are the VAE posterior *mean* times the VAE's `scaling_factor`: deterministic, so a cache is the same
+on every rerun and a resumed training run sees the same inputs; the posterior's spread is tiny next to the
+diffusion noise that training adds anyway. Text embeddings and attention masks come from the pipeline's own
+`encode_prompt` at its `max_sequence_length` (300 for Sigma, 120 for Alpha), so training sees exactly what
+sampling feeds the transformer; the empty prompt's embedding is stored once, for caption dropout and CFG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
+CACHE_TYPE = "diffcr.LatentCaptionCache"
+CACHE_FORMAT = 1
+TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}  # class -> max_sequence_length
+
+
+def pipeline_class_name(base: str | Path) -> str:
+    """`_class_name` of a pipeline's `model_index.json` (a local folder or a hub repo id)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(str(base))
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{base} is not a diffusers pipeline folder or repo id (no readable model_index.json): {err}"
+        ) from err
+    return str(index.get("_class_name"))
+
+
+def load_text_to_image_pipeline(base: str | Path, **kwargs):
+    """A PixArt-Sigma or PixArt-Alpha pipeline through diffusers' `from_pretrained` (safetensors only).
+
+    Raises:
+        ValueError: `base` is another kind of pipeline, or not a pipeline.
+    """
+    import diffusers
+
+    name = pipeline_class_name(base)
+    if name not in TEXT_TO_IMAGE_PIPELINES:
+        raise ValueError(
+            f"{base} holds a {name}; diffcr's text-to-image path supports {sorted(TEXT_TO_IMAGE_PIPELINES)} "
+            "(a diffusers PixArt pipeline folder or repo id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS)"
+        )
+    pipe_cls = getattr(diffusers, name)
+    try:
+        return pipe_cls.from_pretrained(str(base), use_safetensors=True, **kwargs)
+    except OSError as err:
+        raise ValueError(f"cannot load the {name} at {base} (diffcr reads safetensors weights only): {err}") from err
+
+
+def pipeline_identity(pipe, base: str | Path) -> dict:
+    """What a cache depends on: which pipeline, and the shapes its encoders produce."""
+    transformer = pipe.transformer.config
+    return {
+        "pipeline_class": type(pipe).__name__,
+        "source": str(base),
+        "transformer": {
+            k: transformer.get(k) for k in ("in_channels", "sample_size", "patch_size", "caption_channels")
+        },
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "vae_scale_factor": int(pipe.vae_scale_factor),
+        "text_encoder": type(pipe.text_encoder).__name__,
+    }
+
+
+def default_resolution(pipe) -> int:
+    """The transformer's native image size in pixels."""
+    return int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def load_image(path_or_image, resolution: int) -> torch.Tensor:
+    """An image resized (shorter side) and center-cropped to `resolution`, RGB in [-1, 1]: (3, R, R)."""
+    import numpy as np
+    from PIL import Image
+
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    with image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32)  # (R, R, 3)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+@dataclass
+class EncodeSettings:
+    resolution: int
+    max_sequence_length: int
+    batch_size: int = 8
+    shard_size: int = 256
+    text_dtype: torch.dtype = torch.bfloat16
+
+
+def prepare_cache(
+    base: str | Path,
+    src: str | Path,
+    out: str | Path,
+    resolution: int | None = None,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
+    """Encode `src` (see `diffcr.data.captions`) with the pipeline at `base` into the cache folder `out`.
+
+    A rerun skips the shards already written; a cache made by another pipeline or resolution is refused.
+
+    Returns:
+        The manifest (also written to `out/manifest.json`).
+
+    Raises:
+        ValueError: a bad pipeline, source, resolution, or a cache in `out` made differently.
+    """
+    from tqdm.auto import tqdm
+
+    from diffcr.checkpoint import save_file_atomic, write_json_atomic
+    from diffcr.data.captions import read_caption_source
+
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the cache")
+    source = read_caption_source(src)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = load_text_to_image_pipeline(base).to(device)
+    identity = pipeline_identity(pipe, base)
+    resolution = resolution or default_resolution(pipe)
+    multiple = identity["vae_scale_factor"] * int(pipe.transformer.config.patch_size)
+    if resolution < multiple or resolution % multiple:
+        raise ValueError(f"--resolution {resolution} must be a positive multiple of {multiple} (VAE factor x patch)")
+    settings = EncodeSettings(resolution, TEXT_TO_IMAGE_PIPELINES[identity["pipeline_class"]], batch_size, shard_size)
+    records = source.records
+    num_shards = math.ceil(len(records) / shard_size)
+    manifest = {
+        "_type": CACHE_TYPE,
+        "format": CACHE_FORMAT,
+        "pipeline": identity,
+        "resolution": resolution,
+        "max_sequence_length": settings.max_sequence_length,
+        "latents": "VAE posterior mean x scaling_factor",
+        "num_records": len(records),
+        "shard_size": shard_size,
+        "complete": False,
+    }
+    _check_existing(out, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / MANIFEST, manifest)
+    for name, why in source.skipped:
+        logger.warning("skipped %s: %s", name, why)
+
+    with torch.no_grad():
+        empty_embeds, empty_mask = _encode_text(pipe, [""], settings, device)
+        save_file_atomic({"prompt_embeds": empty_embeds, "prompt_attention_mask": empty_mask}, out / EMPTY_PROMPT)
+        shards, skipped = [], list(source.skipped)
+        bar = tqdm(total=len(records), desc="encoding", disable=not progress, dynamic_ncols=True)
+        for index in range(num_shards):
+            chunk = records[index * shard_size : (index + 1) * shard_size]
+            path = out / f"shard-{index:05d}.safetensors"
+            if path.is_file():  # finished by an earlier run (shards are written atomically)
+                shards.append(_shard_entry(path))
+                skipped += shards[-1].pop("skipped")
+                bar.update(len(chunk))
+                continue
+            tensors, names, bad = _encode_shard(pipe, chunk, settings, device, bar)
+            skipped += bad
+            for name, why in bad:
+                logger.warning("skipped %s: %s", name, why)
+            metadata = {"names": json.dumps(names), "skipped": json.dumps(bad)}
+            save_file_atomic(tensors, path, metadata=metadata)
+            shards.append({"file": path.name, "count": len(names)})
+        bar.close()
+    counts = [s["count"] for s in shards]
+    if not sum(counts):
+        raise ValueError(f"no image of {src} could be encoded; skipped: {skipped[:5]}")
+    manifest.update(
+        complete=True,
+        shards=shards,
+        count=sum(counts),
+        skipped=[list(item) for item in skipped],
+        latent_shape=list(_first_shape(out / shards[0]["file"], "latents")),
+        text_shape=[settings.max_sequence_length, int(empty_embeds.shape[-1])],
+    )
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _check_existing(out: Path, manifest: dict) -> None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        existing = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete the folder and run prepare again") from err
+    keys = ("pipeline", "resolution", "max_sequence_length", "num_records", "shard_size")
+    differ = [k for k in keys if existing.get(k) != manifest[k]]
+    if differ:
+        raise ValueError(
+            f"{out} holds a cache made with another {', '.join(differ)} "
+            f"(there: {[existing.get(k) for k in differ]}, now: {[manifest[k] for k in differ]}); "
+            "choose another --out, or delete that folder"
+        )
+
+
+def _encode_text(pipe, captions: list[str], settings: EncodeSettings, device):
+    embeds, mask, _, _ = pipe.encode_prompt(
+        captions,
+        do_classifier_free_guidance=False,
+        device=device,
+        clean_caption=False,
+        max_sequence_length=settings.max_sequence_length,
+    )
+    return embeds.to(settings.text_dtype).cpu(), mask.to(torch.uint8).cpu()
+
+
+def _encode_shard(pipe, chunk, settings: EncodeSettings, device, bar):
+    """Latents and text embeddings of one shard's records; unreadable images are skipped by name."""
+    from PIL import Image, UnidentifiedImageError
+
+    latents, embeds, masks, names, bad = [], [], [], [], []
+    scaling = pipe.vae.config.scaling_factor
+    for start in range(0, len(chunk), settings.batch_size):
+        batch = chunk[start : start + settings.batch_size]
+        images, kept = [], []
+        for record in batch:
+            try:
+                images.append(load_image(record.image, settings.resolution))
+                kept.append(record)
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+                bad.append((record.name, f"unreadable image: {err}"))
+        bar.update(len(batch))
+        if not kept:
+            continue
+        pixels = torch.stack(images).to(device=device, dtype=pipe.vae.dtype)  # (b, 3, R, R)
+        posterior = pipe.vae.encode(pixels).latent_dist
+        latents.append((posterior.mean * scaling).float().cpu())  # (b, C, R/f, R/f)
+        text, mask = _encode_text(pipe, [r.caption for r in kept], settings, device)
+        embeds.append(text)
+        masks.append(mask)
+        names += [r.name for r in kept]
+    if not names:
+        empty_text = torch.zeros(0, settings.max_sequence_length, 0)
+        return {"latents": torch.zeros(0), "prompt_embeds": empty_text, "prompt_attention_mask": empty_text}, [], bad
+    tensors = {
+        "latents": torch.cat(latents),
+        "prompt_embeds": torch.cat(embeds),
+        "prompt_attention_mask": torch.cat(masks),
+    }
+    return tensors, names, bad
+
+
+def _shard_entry(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    names = json.loads(metadata.get("names", "[]"))
+    return {
+        "file": path.name,
+        "count": len(names),
+        "skipped": [tuple(x) for x in json.loads(metadata.get("skipped", "[]"))],
+    }
+
+
+def _first_shape(path: Path, key: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return tuple(handle.get_slice(key).get_shape()[1:])
+
+
+class LatentCaptionDataset:
+    """A prepared cache, read lazily: `dataset[i]` -> (latents (C, h, w), prompt_embeds (L, D), mask (L,)).
+
+    Shards are memory-mapped by safetensors, so a cache larger than memory trains as well as a small one.
+    """
+
+    def __init__(self, root: str | Path):
+        from safetensors import safe_open
+
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} is not a prepared cache (no {MANIFEST}); run `diffcr prepare` first")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); run `diffcr prepare` again") from err
+        if self.manifest.get("_type") != CACHE_TYPE or self.manifest.get("format", 0) > CACHE_FORMAT:
+            raise ValueError(f"{path} is not a cache this diffcr reads (type {self.manifest.get('_type')!r})")
+        if not self.manifest.get("complete"):
+            raise ValueError(
+                f"the cache in {self.root} is incomplete (prepare was interrupted); rerun `diffcr prepare`"
+            )
+        self._handles = [safe_open(str(self.root / s["file"]), framework="pt") for s in self.manifest["shards"]]
+        self._index = [(h, row) for h, s in zip(self._handles, self.manifest["shards"]) for row in range(s["count"])]
+        with safe_open(str(self.root / EMPTY_PROMPT), framework="pt") as handle:
+            self.empty_prompt_embeds = handle.get_tensor("prompt_embeds").float()[0]  # (L, D)
+            self.empty_prompt_mask = handle.get_tensor("prompt_attention_mask").long()[0]  # (L,)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int):
+        handle, row = self._index[i]
+        latents = handle.get_slice("latents")[row : row + 1][0].float()
+        embeds = handle.get_slice("prompt_embeds")[row : row + 1][0].float()
+        mask = handle.get_slice("prompt_attention_mask")[row : row + 1][0].long()
+        return latents, embeds, mask
+
+    def batch(self, indices: torch.Tensor):
+        """Stacked items for `indices`: latents (b, C, h, w), prompt_embeds (b, L, D), mask (b, L)."""
+        items = [self[int(i)] for i in indices]
+        return tuple(torch.stack(parts) for parts in zip(*items))
+
+    def check_pipeline(self, pipe, base) -> None:
+        """Refuse to train a pipeline on a cache another pipeline (or resolution) made."""
+        identity = pipeline_identity(pipe, base)
+        cached = dict(self.manifest["pipeline"])
+        differ = [k for k in identity if k != "source" and identity[k] != cached.get(k)]
+        if differ:
+            raise ValueError(
+                f"the cache in {self.root} was made by another pipeline ({cached['source']}): it differs in {differ}; "
+                "run `diffcr prepare` with this --base"
+            )

@@ -1,0 +1,77 @@
+"""A tiny PixArt-Sigma pipeline built offline from config (T5 tokenizer from a word list), and caption data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WORDS = "a the on left right and small large zero one two three four five six seven eight nine red blue cat dog".split()
+
+
+def tiny_tokenizer():
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -float(i)) for i, w in enumerate(WORDS)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def build_tiny_pixart_pipeline(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
+    """Save a random-weight PixArtSigmaPipeline (4-channel latents at image_size / 2, 2 blocks) to `folder`."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=image_size,
+    )
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=image_size // 2,
+        patch_size=2,
+        caption_channels=16,
+        norm_num_groups=2,
+        use_additional_conditions=False,
+    )
+    with torch.no_grad():  # random modulation, so that blocks are not the identity
+        for block in transformer.transformer_blocks:
+            block.scale_shift_table.normal_(0, 0.3)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def write_caption_folder(folder: str | Path, count: int = 6, size: int = 20, seed: int = 0) -> Path:
+    """`count` random RGB images with same-stem .txt captions."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.txt").write_text(f"a {WORDS[8 + i % 10]} on the {'left' if i % 2 else 'right'}")
+    return folder

@@ -1,0 +1,103 @@
+"""`diffcr prepare`: image-caption sources encoded once with a tiny PixArt-Sigma pipeline built offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffcr.data.captions import read_caption_source
+from diffcr.data.latent_cache import LatentCaptionDataset, load_text_to_image_pipeline, prepare_cache
+from t2i_helpers import build_tiny_pixart_pipeline, write_caption_folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return build_tiny_pixart_pipeline(tmp_path_factory.mktemp("pipe") / "pipe")
+
+
+def test_folder_source_reports_bad_records_by_name(tmp_path):
+    folder = write_caption_folder(tmp_path / "data", count=3)
+    (folder / "orphan.txt").write_text("a cat")
+    (folder / "blank.png").write_bytes((folder / "img00.png").read_bytes())
+    (folder / "blank.txt").write_text("   ")
+    (folder / "nocap.png").write_bytes((folder / "img00.png").read_bytes())
+    source = read_caption_source(folder)
+    assert [r.caption for r in source.records] == ["a zero on the right", "a one on the left", "a two on the right"]
+    reasons = {name.rsplit("/", 1)[-1]: why for name, why in source.skipped}
+    assert reasons == {
+        "blank.txt": "empty caption",
+        "nocap.png": "image with no caption file nocap.txt",
+        "orphan.txt": "caption file with no image of the same name",
+    }
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_manifest_sources(tmp_path, kind):
+    folder = write_caption_folder(tmp_path / "data", count=2)
+    rows = [{"image": "data/img00.png", "caption": "a cat"}, {"image": "data/missing.png", "caption": "a dog"}]
+    path = tmp_path / f"manifest.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        path.write_text("image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows))
+    source = read_caption_source(path)
+    assert [(r.caption, r.image) for r in source.records] == [("a cat", folder / "img00.png")]
+    assert source.skipped == [(f"manifest.{kind} row 2 ({tmp_path / 'data/missing.png'})", "image file not found")]
+    bad = tmp_path / f"bad.{kind}"
+    bad.write_text('{"img": "x"}\n' if kind == "jsonl" else "img,text\nx,y\n")
+    with pytest.raises(ValueError, match="needs an 'image'"):
+        read_caption_source(bad)
+
+
+def test_prepare_encodes_skips_and_resumes(tmp_path, pipeline_dir):
+    folder = write_caption_folder(tmp_path / "data", count=5)
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "broken.txt").write_text("a dog")
+    manifest = prepare_cache(pipeline_dir, folder, tmp_path / "cache", shard_size=4, progress=False)
+    assert manifest["complete"] and manifest["count"] == 5
+    assert manifest["latent_shape"] == [4, 8, 8] and manifest["text_shape"] == [300, 16]
+    assert [s["count"] for s in manifest["shards"]] == [3, 2]  # the broken image was in the first shard
+    assert any(name.endswith("broken.png") and "unreadable image" in why for name, why in manifest["skipped"])
+    # the cached latents are the pipeline's own VAE mean x scaling factor, and the text its own encode_prompt
+    pipe = load_text_to_image_pipeline(pipeline_dir)
+    dataset = LatentCaptionDataset(tmp_path / "cache")
+    latents, embeds, mask = dataset[0]
+    from diffcr.data.latent_cache import load_image
+
+    with torch.no_grad():
+        pixels = load_image(folder / "img00.png", 16)[None]
+        expected = pipe.vae.encode(pixels).latent_dist.mean[0] * pipe.vae.config.scaling_factor
+        text, text_mask, _, _ = pipe.encode_prompt("a zero on the right", do_classifier_free_guidance=False)
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds, text[0].to(torch.bfloat16).float())
+    assert mask.tolist() == text_mask[0].tolist() and mask.sum() < 300
+    # a rerun keeps the finished shards as they are
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("shard-*")}
+    again = prepare_cache(pipeline_dir, folder, tmp_path / "cache", shard_size=4, progress=False)
+    assert again["count"] == 5
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("shard-*")} == before
+    # another resolution into the same folder is refused
+    with pytest.raises(ValueError, match="made with another resolution"):
+        prepare_cache(pipeline_dir, folder, tmp_path / "cache", resolution=32, shard_size=4, progress=False)
+
+
+def test_prepare_refuses_what_is_not_a_pixart_pipeline(tmp_path, pipeline_dir):
+    from diffusers import PixArtTransformer2DModel
+
+    folder = write_caption_folder(tmp_path / "data", count=1)
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        prepare_cache(tmp_path / "data", folder, tmp_path / "cache", progress=False)
+    transformer_only = tmp_path / "transformer"
+    PixArtTransformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer").save_pretrained(transformer_only)
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        prepare_cache(transformer_only, folder, tmp_path / "cache", progress=False)
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="holds a StableDiffusionPipeline"):
+        prepare_cache(other, folder, tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match="must be a positive multiple of 4"):
+        prepare_cache(pipeline_dir, folder, tmp_path / "cache", resolution=18, progress=False)

@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 CACHE_TYPE = "diffcr.LatentCaptionCache"
 CACHE_FORMAT = 1
+TRANSFORMER_KEYS = ("in_channels", "sample_size", "patch_size", "caption_channels")
 TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}  # class -> max_sequence_length
 
 

@@ -1,0 +1,175 @@
+"""Text-to-image sampling through the user's own diffusers PixArt pipeline, with DiffCR applied to
+`pipe.transformer` (or dense), deterministic per image whatever the batch size or process count.
+
+Image i of a run (prompts in order, `num_per_prompt` images each) starts from the noise of its own generator
+seeded `seed + i`, which is what the plain pipeline does when called with that generator: with
+`artifact="none"` the images are those of `pipe(prompt, generator=torch.Generator().manual_seed(seed + i))`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptSampleConfig:
+    """How to sample a list of prompts.
+
+    Args:
+        steps: sampler steps (the pipeline's own scheduler).
+        guidance_scale: classifier-free guidance (1.0 = none); PixArt's default is 4.5.
+        negative_prompt: the unconditional text for CFG.
+        num_per_prompt: images per prompt.
+        seed: image i uses `seed + i`.
+        height, width: pixels; None = the transformer's native size.
+        batch_size: images per pipeline call (results do not depend on it).
+    """
+
+    steps: int = 20
+    guidance_scale: float = 4.5
+    negative_prompt: str = ""
+    num_per_prompt: int = 1
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "num_per_prompt", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a finite number (PixArt uses 4.5)")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0 (1.0 = no guidance)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63 - 2**32:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63 - 2**32)")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+                raise ValueError(f"{name}={value!r} must be an integer >= 8 pixels (or None: the native size)")
+
+
+def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs):
+    """The PixArt pipeline at `base`, with a DiffCR artifact applied to its transformer.
+
+    Args:
+        base: a diffusers PixArt-Sigma / PixArt-Alpha pipeline folder or repo id.
+        artifact: None / "none" for the dense pipeline; a folder written by `diffcr.save` (routers and ratios on
+            the pipeline's own transformer) or by a routed model's `save_pretrained` (a fine-tuned transformer
+            with its artifact: it replaces the pipeline's transformer).
+    """
+    import diffcr
+    from diffcr.data.latent_cache import load_text_to_image_pipeline
+
+    pipe = load_text_to_image_pipeline(base, **kwargs)
+    if artifact is None or str(artifact) == "none":
+        return pipe
+    folder = Path(artifact)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no DiffCR artifact folder at {folder}; pass --artifact DIR or none")
+    if (folder / "config.json").is_file():
+        transformer = diffcr.from_pretrained(folder, torch_dtype=pipe.transformer.dtype)
+        pipe.transformer = transformer.to(pipe.transformer.device)
+    else:
+        diffcr.load(pipe.transformer, folder)
+    pipe.transformer.eval()
+    return pipe
+
+
+def image_seeds(num_prompts: int, cfg: PromptSampleConfig) -> list[tuple[int, int]]:
+    """(prompt index, seed) of every image, in output order."""
+    return [(p, cfg.seed + p * cfg.num_per_prompt + j) for p in range(num_prompts) for j in range(cfg.num_per_prompt)]
+
+
+def sample_prompts(pipe, prompts: list[str], cfg: PromptSampleConfig, indices=None, progress: bool = False):
+    """Images for `prompts` as uint8 (n, H, W, 3), image i from the generator seeded `cfg.seed + i`.
+
+    Args:
+        indices: which images of the run to make (default all); a process of a sharded run makes its share.
+    """
+    from tqdm.auto import tqdm
+
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("give at least one prompt, and no empty prompt (use --negative-prompt for the CFG text)")
+    plan = image_seeds(len(prompts), cfg)
+    indices = list(range(len(plan))) if indices is None else list(indices)
+    height = cfg.height or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    width = cfg.width or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple} (VAE factor x patch), got {height}x{width}")
+    images = []
+    for start in tqdm(range(0, len(indices), cfg.batch_size), disable=not progress, desc="sampling"):
+        chunk = indices[start : start + cfg.batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(plan[i][1]) for i in chunk]
+        out = pipe(
+            prompt=[prompts[plan[i][0]] for i in chunk],
+            negative_prompt=cfg.negative_prompt,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="np",
+            use_resolution_binning=False,
+            clean_caption=False,
+        ).images  # (b, H, W, 3) floats in [0, 1]
+        images.append(to_uint8(out))
+    if not images:
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+    return np.concatenate(images)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Pipeline output in [0, 1] as uint8, the way diffusers' `numpy_to_pil` rounds."""
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def save_images(folder: str | Path, images: np.ndarray, prompts: list[str], cfg: PromptSampleConfig) -> list[Path]:
+    """One PNG per image, named by prompt index and seed."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image, (prompt_idx, seed) in zip(images, image_seeds(len(prompts), cfg)):
+        path = folder / f"{prompt_idx:04d}-seed{seed}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def save_npz(path: str | Path, images: np.ndarray, prompts: list[str], cfg: PromptSampleConfig) -> Path:
+    """`arr_0` uint8 (n, H, W, 3) and the `prompts` of the images in the same order."""
+    per_image = [prompts[p] for p, _ in image_seeds(len(prompts), cfg)]
+    path = Path(path)
+    np.savez(path, images, prompts=np.asarray(per_image))
+    return path
+
+
+def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[str]:
+    """`--prompt TEXT` or `--prompts FILE` (one prompt a line; blank lines and `#` comments skipped)."""
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompts FILE")
+    if prompt is not None:
+        if not prompt.strip():
+            raise ValueError("--prompt is empty")
+        return [prompt]
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path} does not exist (a text file, one prompt a line)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt")
+    return prompts

@@ -110,7 +110,10 @@ def test_save_pretrained_writes_clean_base_and_artifact(case, tmp_path):
     with safe_open(str(tmp_path / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
         keys = list(handle.keys())
     assert keys and not [k for k in keys if k.startswith("diffcr")]
-    assert (tmp_path / "diffcr_weights.safetensors").is_file() and (tmp_path / "diffcr_config.json").is_file()
+    # the top level is diffusers' own layout; the artifact sits in a subfolder
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["diffusion_pytorch_model.safetensors"]
+    assert (tmp_path / "diffcr" / "diffcr_weights.safetensors").is_file()
+    assert (tmp_path / "diffcr" / "diffcr_config.json").is_file()
     assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == type(case.model()).__name__
     base_cls = type(model)._diffcr_base_class
     dense = base_cls.from_pretrained(tmp_path).eval()
@@ -152,7 +155,7 @@ def test_ema_of_routed_weights_round_trips(case, tmp_path):
     ema.step(model.parameters())
     shadow = dict(zip([n for n, _ in model.named_parameters()], ema.shadow_params))
     ema.save_pretrained(tmp_path)
-    saved = load_file(str(tmp_path / "diffcr_weights.safetensors"))
+    saved = load_file(str(tmp_path / "diffcr" / "diffcr_weights.safetensors"))
     torch.testing.assert_close(saved["kept_ratio"], shadow["diffcr.kept_ratio"], atol=0, rtol=0)
     torch.testing.assert_close(saved["routers.1.weight"], shadow["diffcr.routers.1.weight"], atol=0, rtol=0)
     restored = EMAModel.from_pretrained(tmp_path, model_cls=type(model))

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 ATTR = "diffcr"
 WEIGHTS_NAME = "diffcr_weights.safetensors"
 CONFIG_NAME = "diffcr_config.json"
+# inside a `save_pretrained` folder the artifact sits in this subfolder, so that the folder's top level is
+# exactly diffusers' layout (tools that count or convert `*.safetensors` there see the base weights only)
+PRETRAINED_SUBFOLDER = "diffcr"
 ARTIFACT_FORMAT = 1
 
 
@@ -388,6 +391,8 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
 
     folder = Path(path)
     weights = folder / WEIGHTS_NAME if folder.is_dir() else folder
+    if folder.is_dir() and not weights.is_file() and (folder / PRETRAINED_SUBFOLDER / WEIGHTS_NAME).is_file():
+        weights = folder / PRETRAINED_SUBFOLDER / WEIGHTS_NAME  # a routed model's save_pretrained folder
     if not weights.is_file():
         raise FileNotFoundError(
             f"no DiffCR artifact at {folder}: {WEIGHTS_NAME} is missing (written by diffcr.save or "
@@ -521,13 +526,14 @@ def _model_class(path, subfolder: str | None, kwargs: dict) -> type:
 
 def _artifact_folder(path, subfolder: str | None, kwargs: dict) -> Path:
     """The local folder holding the artifact files (downloaded into the hub cache for a repo id)."""
-    weights = _fetch(path, subfolder, WEIGHTS_NAME, kwargs)
+    inner = "/".join(part for part in (subfolder, PRETRAINED_SUBFOLDER) if part)
+    weights = _fetch(path, inner, WEIGHTS_NAME, kwargs)
     if Path(path).is_dir() and not weights.is_file():
         raise FileNotFoundError(
-            f"{weights.parent} holds no DiffCR artifact ({WEIGHTS_NAME}); for a dense checkpoint, load it with "
-            "diffusers and call diffcr.apply(model, config) or diffcr.load(model, artifact_dir)"
+            f"{weights.parent.parent} holds no DiffCR artifact ({PRETRAINED_SUBFOLDER}/{WEIGHTS_NAME}); for a dense "
+            "checkpoint, load it with diffusers and call diffcr.apply(model, config) or diffcr.load(model, artifact)"
         )
-    _fetch(path, subfolder, CONFIG_NAME, kwargs)
+    _fetch(path, inner, CONFIG_NAME, kwargs)
     return weights.parent
 
 

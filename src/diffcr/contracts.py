@@ -7,8 +7,8 @@ into `model_index.json`: a routed model saved on its own or inside a pipeline st
 folder. What it changes:
 
 - `save_pretrained` writes the clean base checkpoint (no `diffcr.*` keys) and the DiffCR artifact files
-  (`diffcr_weights.safetensors`, `diffcr_config.json`) into the same folder; `config.json` records the DiffCR
-  config under `_diffcr` (diffusers ignores keys that start with "_"). A plain `from_pretrained` of the folder
+  (`diffcr/diffcr_weights.safetensors`, `diffcr/diffcr_config.json`) into the same folder; `config.json`
+  records the DiffCR config under `_diffcr` (diffusers ignores keys that start with "_"). A plain `from_pretrained` of the folder
   gives the dense base; `diffcr.from_pretrained` or `diffcr.load` give the routed model.
 - `from_config` / `from_pretrained` on the routed class return routed models, so that
   `EMAModel(model.parameters(), model_cls=type(model), model_config=model.config)` saves and loads routers and
@@ -50,7 +50,7 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
     base_cls = type(self)._diffcr_base_class
     if kwargs.get("is_main_process", True):
         # the artifact first: a `push_to_hub=True` save uploads the folder at the end of the base save
-        api.save(self, save_directory)
+        api.save(self, os.path.join(save_directory, api.PRETRAINED_SUBFOLDER))
     controller = self._modules[ATTR]
     names = list(self._modules)
     del self._modules[ATTR]  # the base checkpoint holds the base weights only

@@ -8,8 +8,9 @@ folder. What it changes:
 
 - `save_pretrained` writes the clean base checkpoint (no `diffcr.*` keys) and the DiffCR artifact files
   (`diffcr/diffcr_weights.safetensors`, `diffcr/diffcr_config.json`) into the same folder; `config.json`
-  records the DiffCR config under `_diffcr` (diffusers ignores keys that start with "_"). A plain `from_pretrained` of the folder
-  gives the dense base; `diffcr.from_pretrained` or `diffcr.load` give the routed model.
+  records the DiffCR config under `_diffcr` (diffusers ignores keys that start with "_"). A plain
+  `from_pretrained` of the folder gives the dense base; `diffcr.from_pretrained` or `diffcr.load` give the
+  routed model.
 - `from_config` / `from_pretrained` on the routed class return routed models, so that
   `EMAModel(model.parameters(), model_cls=type(model), model_config=model.config)` saves and loads routers and
   ratios with the base weights.

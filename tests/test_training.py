@@ -180,7 +180,7 @@ def test_ratios_stay_inside_the_bins_range(tmp_path):
         tiny_data(),
         config(steps=3, ratio_lr=5.0),
         progress=False,
-        diffcr_config=diffcr.DiffCRConfig(ratio_loss_weight=0.0, target_kept_ratio=0.1, ratio_bins=(1.0, 0.5, 0.25)),
+        diffcr_config=diffcr.DiffCRConfig(ratio_loss_weight=0.0, target_kept_ratio=0.25, ratio_bins=(1.0, 0.5, 0.25)),
     )
     kept = result.model.diffcr.kept_ratio
     assert kept.min().item() >= 0.25 and kept.max().item() <= 1.0

@@ -7,14 +7,115 @@ is replaced atomically, so a kill at any moment leaves the previous checkpoint r
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+logger = logging.getLogger(__name__)
+
 LATEST = "latest"
+LOCK = ".lock"
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+
+class CheckpointError(ValueError):
+    """A run folder's checkpoint cannot be read; the message names the file and what to do about it."""
+
+
+class RunInUse(RuntimeError):
+    """Another process is writing to the same run folder."""
+
+
+def check_writable_dir(path: str | Path, what: str = "output folder") -> None:
+    """Raise `ValueError` unless `path` is a folder, or could be created as one, that this process can write.
+
+    Creates nothing, so it can run before any work; `what` names the option in the message (e.g. "--out").
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file, not a folder; choose a folder path")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a folder; choose another path"
+        )
+    # W for creating entries, X for reaching them; os.access also sees read-only file systems
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be written: no write permission in {str(ancestor)!r}; "
+            "choose a folder you can write to"
+        )
+
+
+def check_writable_file(path: str | Path, what: str = "output file") -> None:
+    """Raise `ValueError` unless a file can be written at `path` (its missing parent folders may be created).
+
+    Creates nothing, so every output of a command can be checked before the first one is written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; give the path of a file (inside it, or elsewhere)")
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"{what} {str(path)!r} is not a file name; give a path such as 'out/samples.png'")
+    check_writable_dir(path.parent, f"the folder of {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r} exists and is read-only; choose another path or make it writable")
+
+
+_HELD_LOCKS: dict[str, list] = {}  # resolved run folder -> [file descriptor, depth]; makes run_lock re-entrant
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold an exclusive lock on `run_dir` (created if missing) for the duration of the block.
+
+    A second process that asks for the same folder gets `RunInUse` at once instead of overwriting the first
+    one's checkpoints and artifact. The lock is `flock` on `run_dir/.lock`: the operating system releases it
+    when the holder exits, even when it is killed, so a stale lock file never blocks a later run. Re-entrant
+    within one process (the CLI holds it around `train`, which takes it again).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock; runs are not protected from each other there
+        yield
+        return
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunInUse(
+            f"{run_dir} is in use by another diffcr run (pid {holder}); wait for it to finish, "
+            "or choose another output folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -102,22 +203,76 @@ def save_checkpoint(
     return final
 
 
+def _older_checkpoints_hint(run_dir: Path, exclude: str | None = None) -> str:
+    older = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name != exclude)
+    if older:
+        return (
+            f"point {run_dir / LATEST} at an older checkpoint ({', '.join(older)}) with "
+            f'{{"checkpoint": "{older[-1]}", "step": N}}, or start afresh in a new folder'
+        )
+    return "start afresh: drop --resume and choose a new output folder"
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `run_dir/latest` points at, or None when the run has none."""
-    pointer = Path(run_dir) / LATEST
+    """The checkpoint `run_dir/latest` points at, or None when the run has none.
+
+    Raises:
+        CheckpointError: the pointer is not the JSON `save_checkpoint` writes, or names a missing checkpoint.
+    """
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
     if not pointer.is_file():
         return None
-    target = Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
+    expected = '{"checkpoint": "checkpoint-0000100", "step": 100}'
+    try:
+        payload = json.loads(pointer.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{pointer} is not valid JSON ({err}); it should read {expected}: " + _older_checkpoints_hint(run_dir)
+        ) from err
+    name = payload.get("checkpoint") if isinstance(payload, dict) else None
+    # the name must be a plain checkpoint folder: a pointer must never lead outside the run folder
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{pointer} does not name a checkpoint folder (got {payload!r}); it should read {expected}: "
+            + _older_checkpoints_hint(run_dir)
+        )
+    target = run_dir / name
     if not (target / "state.json").is_file():
-        raise FileNotFoundError(f"{pointer} points at {target}, which is missing or incomplete")
+        raise CheckpointError(
+            f"{pointer} points at {target}, which is missing or incomplete: "
+            + _older_checkpoints_hint(run_dir, exclude=name)
+        )
     return target
 
 
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, dict]:
-    """Read a checkpoint: (trainable tensors, optimizer tensors, optimizer description, state meta)."""
+    """Read a checkpoint: (trainable tensors, optimizer tensors, optimizer description, state meta).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or not what `save_checkpoint` writes (the file is named).
+    """
     ckpt_dir = Path(ckpt_dir)
-    trainable = load_file(str(ckpt_dir / "trainable.safetensors"))
-    opt_tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
-    opt_described = json.loads((ckpt_dir / "optimizer.json").read_text())
-    meta = json.loads((ckpt_dir / "state.json").read_text())
+    hint = _older_checkpoints_hint(ckpt_dir.parent, exclude=ckpt_dir.name)
+
+    def read(name: str, reader):
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete: {hint}")
+        try:
+            return reader(path)
+        except Exception as err:  # safetensors, json and OS errors alike: the file is damaged
+            raise CheckpointError(f"cannot read checkpoint file {path} ({type(err).__name__}: {err}): {hint}") from err
+
+    trainable = read("trainable.safetensors", lambda p: load_file(str(p)))
+    opt_tensors = read("optimizer.safetensors", lambda p: load_file(str(p)))
+    opt_described = read("optimizer.json", lambda p: json.loads(p.read_text()))
+    meta = read("state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(opt_described, dict) or not {"param_groups", "scalars"} <= set(opt_described):
+        raise CheckpointError(f"{ckpt_dir / 'optimizer.json'} lacks 'param_groups' and 'scalars': {hint}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise CheckpointError(f"{ckpt_dir / 'state.json'} lacks a valid 'step' (got {meta!r:.200}): {hint}")
+    bad = sorted(name for name, tensor in trainable.items() if not torch.isfinite(tensor).all())
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds non-finite weights ({bad[:4]}): {hint}")
     return trainable, opt_tensors, opt_described, meta

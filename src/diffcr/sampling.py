@@ -8,6 +8,7 @@ shard of the indices and the main process puts them back in order.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddim", "dpm")
+SEED_LIMIT = 2**32
+MAX_SAMPLE_BATCH = 65_536
+MAX_GUIDANCE_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,30 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from diffcr.models.tiny_dit import SCHEDULER_CONFIG
+
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={self.scheduler!r}; choose one of {SCHEDULERS}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
-        if self.guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 = no guidance)")
+        max_steps = SCHEDULER_CONFIG["num_train_timesteps"]
+        limits = {
+            "steps": (1, max_steps, f"a sampler cannot take more steps than the {max_steps} training timesteps"),
+            "batch_size": (1, MAX_SAMPLE_BATCH, "images per forward pass"),
+            "seed": (0, SEED_LIMIT - 1, "seeds are 32-bit"),
+        }
+        for name, (low, high, why) in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} must be a whole number in [{low}, {high}]")
+            if not low <= value <= high:
+                raise ValueError(f"{name}={value} is outside [{low}, {high}] ({why}); choose a value in that range")
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"guidance_scale={scale!r} must be a finite number in [1, {MAX_GUIDANCE_SCALE:g}]")
+        if not 1.0 <= scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(
+                f"guidance_scale={scale} must be in [1, {MAX_GUIDANCE_SCALE:g}] (1.0 = no guidance; usual values 1.5 "
+                f"to 10): below 1 it steers away from the class, far above {MAX_GUIDANCE_SCALE:g} the images saturate"
+            )
 
 
 def initial_noise(indices: list[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -109,7 +131,13 @@ def sample_images(
             chunks.append(denoise(model, noise, labels[start : start + cfg.batch_size], cfg, null_class))
             bar.update(len(batch_idx))
     model.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0, *shape)
+    images = torch.cat(chunks) if chunks else torch.empty(0, *shape)
+    if not torch.isfinite(images).all():
+        raise ValueError(
+            "sampling produced NaN or infinite values: the model's weights (or its DiffCR artifact) are not "
+            "sound for this sampler; check them, or try --scheduler ddim and a lower --guidance-scale"
+        )
+    return images
 
 
 def class_labels(classes: list[int], per_class: int) -> torch.Tensor:
@@ -126,19 +154,30 @@ def interleaved_class_labels(classes: list[int], per_class: int) -> torch.Tensor
 def parse_classes(text: str, num_classes: int) -> list[int]:
     """ "0-9" or "1,3,5" or "7" -> list of class ids; raises ValueError naming the bad part."""
     classes: list[int] = []
-    for part in text.split(","):
+    usage = "use e.g. '0-9' or '1,3,5'"
+    if not str(text).strip():
+        raise ValueError(f"classes is empty: {usage} (ids 0..{num_classes - 1})")
+    for part in str(text).split(","):
         part = part.strip()
         try:
-            if "-" in part:
+            if "-" in part.lstrip("-"):
                 lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError(
+                        f"classes {text!r}: the range {part!r} is empty; write it low-high, e.g. '{hi}-{lo}'"
+                    )
+                if hi - lo >= num_classes:
+                    raise ValueError(f"classes {text!r}: the range {part!r} is outside 0..{num_classes - 1}")
                 classes.extend(range(lo, hi + 1))
             else:
                 classes.append(int(part))
         except ValueError as err:
-            raise ValueError(f"cannot read classes {text!r} at {part!r}: use e.g. '0-9' or '1,3,5'") from err
+            if str(err).startswith("classes "):
+                raise
+            raise ValueError(f"cannot read classes {text!r} at {part!r}: {usage}") from err
     bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad or not classes:
-        raise ValueError(f"classes {bad or text!r} are outside 0..{num_classes - 1}")
+    if bad:
+        raise ValueError(f"classes {bad} are outside 0..{num_classes - 1}; {usage}")
     return classes
 
 
@@ -197,7 +236,30 @@ def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
 
 
 def save_png(path, grid: np.ndarray) -> None:
+    """Write the grid atomically (a temporary file renamed into place), in the format of `path`'s suffix."""
+    import os
+    from pathlib import Path
+
     from PIL import Image
 
+    path = Path(path)
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    image.save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format=image_format(path))
+    os.replace(tmp, path)
+
+
+def image_format(path) -> str:
+    """The PIL format that writes `path` (by its suffix); raises ValueError naming the suffixes that work."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(
+            f"cannot write an image to {str(path)!r}: unknown suffix {suffix!r}; use .png (or .jpg, .webp)"
+        )
+    return fmt

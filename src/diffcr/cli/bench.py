@@ -25,10 +25,17 @@ def bench(
     results_md: Path = typer.Option(Path("docs/RESULTS.md"), help="the Markdown file --publish writes into"),
 ) -> None:
     """Measure everything side by side and write results.json, results.md and plots."""
+    from diffcr.checkpoint import check_writable_dir, check_writable_file
     from diffcr.harness import publish as publish_results
     from diffcr.harness import run_bench
 
     if publish is not None:
+        if not publish.is_dir() or not any((publish / name).is_file() for name in ("results.json", "results.md")):
+            raise FileNotFoundError(
+                f"--publish {publish} is not a bench folder (no results.json); run `diffcr bench --out {publish}` first"
+            )
+        check_writable_file(results_md, "--results-md")
+        check_writable_dir(results_md.parent / "images" / "bench", "the images folder beside --results-md")
         typer.echo(f"updated {publish_results(publish, results_md)}")
         return
     if only not in ("all", "scaling", "train", "compare"):
@@ -37,6 +44,11 @@ def bench(
         import time
 
         out = Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    check_writable_dir(out, "--out")
+    if base != "default":
+        from diffcr.models import load_base_model
+
+        load_base_model(base)  # a wrong --base fails now, with its message, not minutes into the bench
     result = run_bench(out, quick=quick, base=None if base == "default" else base, parts=(only,))
     typer.echo((out / "results.md").read_text())
     typer.echo(f"whole bench {result.seconds / 60:.1f} min; results in {out}")

@@ -1,23 +1,86 @@
-"""Helpers shared by the commands: error reporting and printing."""
+"""Helpers shared by the commands: error reporting and checks of options that only the CLI has."""
 
 from __future__ import annotations
 
 import functools
+import math
+from pathlib import Path
 
 import typer
 
 
 def friendly_errors(fn):
-    """Turn the library's clear errors into a one-line message and exit code 2, without a traceback."""
+    """Turn the library's clear errors into a one-line message and exit code 2, without a traceback.
+
+    Only errors whose messages the library writes for people are caught here (bad values, missing or damaged
+    files, a diverged or locked run); anything else is a bug and keeps its traceback. Ctrl-C exits with 130.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from diffcr.checkpoint import RunInUse
         from diffcr.training import TrainingDiverged
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, TypeError, TrainingDiverged) as err:
+        except (ValueError, FileNotFoundError, FileExistsError, TypeError, TrainingDiverged, RunInUse) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(code=2) from err
+        except KeyboardInterrupt as err:
+            typer.echo(f"interrupted: {err}" if str(err) else "interrupted", err=True)
+            raise typer.Exit(code=130) from err
 
     return wrapper
+
+
+def check_int(option: str, value: int, low: int, high: int, why: str = "") -> None:
+    """Refuse an integer option outside [low, high], naming the option and the range."""
+    if not low <= value <= high:
+        because = f" ({why})" if why else ""
+        raise ValueError(f"{option} {value} is outside [{low}, {high}]{because}; choose a value in that range")
+
+
+def check_float(option: str, value: float | None, low: float, high: float = math.inf, what: str = "") -> None:
+    """Refuse a float option that is NaN, infinite, or outside [low, high] (None passes: "not given")."""
+    if value is None:
+        return
+    about = f" ({what})" if what else ""
+    if not math.isfinite(value):
+        raise ValueError(f"{option} {value} must be a finite number{about}")
+    if not low <= value <= high:
+        raise ValueError(f"{option} {value} is outside [{low:g}, {high:g}]{about}")
+
+
+def check_new_run_dir(out: Path, resume: bool) -> None:
+    """Refuse an --out that cannot hold this run, before any data or model is loaded and before it is created.
+
+    It must be writable; with --resume it must hold a checkpoint; without, it must be new, empty, or a run
+    folder (whose own check then says "already holds a run"), so a run never scatters its files among others.
+    """
+    from diffcr.checkpoint import LATEST, check_writable_dir, latest_checkpoint
+
+    check_writable_dir(out, "--out")
+    if resume:
+        if not out.is_dir() or latest_checkpoint(out) is None:
+            raise FileNotFoundError(
+                f"nothing to resume in {out}: it holds no checkpoint (no {out / LATEST}); "
+                "drop --resume to start a new run"
+            )
+        return
+    if out.is_dir() and not (out / "run.json").exists() and not (out / LATEST).exists():
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if others:
+            raise ValueError(
+                f"--out {out} already holds other files ({', '.join(others[:5])}) and no diffcr run; "
+                "choose a new or empty folder"
+            )
+
+
+def check_base_data_fit(model, dataset, data: str) -> None:
+    """A clearer wording of `check_dataset_fits_model` for the CLI's --base and --data."""
+    from diffcr.training import check_dataset_fits_model
+
+    try:
+        check_dataset_fits_model(dataset, model)
+    except ValueError as err:
+        raise ValueError(f"--data {data} does not fit --base: {err}") from err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -40,16 +41,29 @@ def compress(
     import torch
 
     import diffcr
+    from diffcr.checkpoint import run_lock
+    from diffcr.cli.common import check_base_data_fit, check_new_run_dir
     from diffcr.data import load_dataset
     from diffcr.models import load_base_model
-    from diffcr.training import TrainConfig, finish_compression, train
+    from diffcr.models.tiny_dit import SCHEDULER_CONFIG
+    from diffcr.training import (
+        TrainConfig,
+        check_diffcr_config,
+        check_mixed_precision,
+        finish_compression,
+        is_main_process,
+        train,
+    )
 
+    # 1. every option is checked before anything is loaded or written
     if config is not None:
-        diffcr_config = diffcr.DiffCRConfig.from_json(config)
+        diffcr_config = read_diffcr_config(config)
     else:
         diffcr_config = diffcr.DiffCRConfig(
             target_kept_ratio=target, timestep_regions=regions, gate=gate, ratio_loss_weight=ratio_loss_weight
         )
+    # train() uses the recipe's DDPM scheduler; check the config against it now rather than after loading
+    check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
     cfg = TrainConfig(
         mode=mode,
         steps=steps,
@@ -67,15 +81,56 @@ def compress(
     )
     if cfg.mode == "pretrain":
         raise ValueError("compress trains DiffCR: use --mode routers, lora or full (pretraining is `diffcr pretrain`)")
-    train_set, _ = load_dataset(data)
+    check_mixed_precision(cfg.mixed_precision)
+    check_new_run_dir(out, resume)
+
+    # 2. the base model, then the data at its image size and with the images' own channels (checked against it)
     model = load_base_model(base)
-    torch.manual_seed(seed)
-    result = train(
-        out, model, train_set, cfg, diffcr_config=diffcr_config, resume=resume, run_info={"base": base, "data": data}
+    folder = data not in (None, "mnist5k")
+    train_set, _ = load_dataset(
+        data, image_size=model.config.sample_size if folder else 32, channels=None if folder else 1
     )
-    written = finish_compression(result.model, out, mode)
+    check_base_data_fit(model, train_set, data)
+
+    # 3. train and write, holding the run folder against a second run into the same --out
+    torch.manual_seed(seed)
+    main = is_main_process()
+    with run_lock(out) if main else contextlib.nullcontext():
+        result = train(
+            out,
+            model,
+            train_set,
+            cfg,
+            diffcr_config=diffcr_config,
+            resume=resume,
+            run_info={"base": base, "data": data},
+        )
+        written = finish_compression(result.model, out, mode)
+    if not main:
+        return
     typer.echo(str(diffcr.schedule(result.model)))
     typer.echo(
         f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
         + ", ".join(f"{k}: {v}" for k, v in written.items())
     )
+
+
+def read_diffcr_config(path: Path):
+    """The `DiffCRConfig` in a JSON file, with errors that name the file."""
+    import json
+
+    import diffcr
+
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"--config {path} {what}; pass a DiffCRConfig JSON file, e.g. configs/*.json")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path} is not valid JSON ({err}); pass a DiffCRConfig JSON file") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"--config {path} holds a JSON {type(payload).__name__}, not an object of DiffCRConfig keys")
+    try:
+        return diffcr.DiffCRConfig.from_dict(payload)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--config {path}: {err}") from err

@@ -23,25 +23,25 @@ def pretrain(
     checkpoint_every: int = typer.Option(100),
     seed: int = typer.Option(0),
     num_layers: int = typer.Option(8, help="depth of the DiT (the shipped model has 8)"),
+    image_size: int = typer.Option(32, help="side of the square images (an image folder is resized to it)"),
+    channels: int = typer.Option(
+        None, help="1 (grayscale) or 3 (RGB); default: as the images are (3 when any image has colour)"
+    ),
     resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
     mixed_precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), no, bf16, fp16"),
 ) -> None:
     """Pretrain the class-conditional base DiT; the trained model is written to OUT/model."""
+    import contextlib
+
     import torch
 
+    from diffcr.checkpoint import check_writable_dir, run_lock
+    from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.data import load_dataset
-    from diffcr.models import build_base_model
-    from diffcr.training import TrainConfig, export_model, train
+    from diffcr.models import BASE_MODEL_CONFIG, build_base_model
+    from diffcr.training import TrainConfig, check_mixed_precision, export_model, is_main_process, train
 
-    train_set, _ = load_dataset(data)
-    torch.manual_seed(seed)
-    model = build_base_model(
-        num_layers=num_layers,
-        in_channels=train_set.images.shape[1],
-        out_channels=train_set.images.shape[1],
-        sample_size=train_set.images.shape[-1],
-        num_embeds_ada_norm=train_set.num_classes,
-    )
+    # 1. every option is checked before anything is loaded or written
     cfg = TrainConfig(
         mode="pretrain",
         steps=steps,
@@ -53,10 +53,33 @@ def pretrain(
         max_minutes=minutes,
         mixed_precision=mixed_precision,
     )
-    result = train(out, model, train_set, cfg, resume=resume, run_info={"data": data})
-    from accelerate import PartialState
+    check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
+    patch = BASE_MODEL_CONFIG["patch_size"]
+    check_int("--image-size", image_size, 2 * patch, 256, "a pixel-space DiT; every image is a token grid")
+    if image_size % patch:
+        raise ValueError(f"--image-size {image_size} must be a multiple of the patch size {patch}")
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"--channels {channels} must be 1 (grayscale) or 3 (RGB), or left out to follow the images")
+    check_mixed_precision(cfg.mixed_precision)
+    check_new_run_dir(out, resume)
+    check_writable_dir(out / "model", "--out/model")
 
-    if not PartialState().is_main_process:
-        return
-    export_model(result.model, out / "model")
+    # 2. the data decides the model's shape: channels, size and number of classes
+    train_set, _ = load_dataset(data, image_size=image_size, channels=channels)
+    torch.manual_seed(seed)
+    model = build_base_model(
+        num_layers=num_layers,
+        in_channels=train_set.images.shape[1],
+        out_channels=train_set.images.shape[1],
+        sample_size=train_set.images.shape[-1],
+        num_embeds_ada_norm=train_set.num_classes,
+    )
+
+    # 3. train and export, holding the run folder against a second run into the same --out
+    main = is_main_process()
+    with run_lock(out) if main else contextlib.nullcontext():
+        result = train(out, model, train_set, cfg, resume=resume, run_info={"data": data})
+        if not main:
+            return
+        export_model(result.model, out / "model")
     typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")

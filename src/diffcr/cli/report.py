@@ -16,29 +16,71 @@ def report(
     run_dir: Path = typer.Argument(..., help="a compression run (from `diffcr compress` or `diffcr demo`)"),
     num: int = typer.Option(10, help="images per class to sample when the run has not been assessed yet"),
     out: Path = typer.Option(None, help="output folder (default RUN_DIR/report)"),
+    classifier: Path = typer.Option(
+        None, help="the classifier that judges samples (default: the shipped digit classifier; see train-classifier)"
+    ),
 ) -> None:
     """Write RUN_DIR/report/report.html (self-contained) and its PNGs; assesses the run first if needed."""
+    import json
+
     import torch
 
     from diffcr.assess import assess, load_assessment, summary_table
+    from diffcr.checkpoint import check_writable_dir
+    from diffcr.cli.common import check_int
     from diffcr.data import load_dataset
     from diffcr.models.classifier import load_classifier
     from diffcr.report import build_report
     from diffcr.sampling import SampleConfig
     from diffcr.training import load_compressed
 
+    check_int("--num", num, 1, 1000, "images per class for the assessment")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder; pass a compression run folder (`diffcr compress --out`)")
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a compression run (no run.json); pass a `diffcr compress` --out")
+    try:
+        run = json.loads(run_file.read_text())
+        mode = run["train"]["mode"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{run_file} is damaged ({type(err).__name__}: {err}); rerun `diffcr compress`") from err
+    if mode == "pretrain":
+        raise ValueError(f"{run_dir} is a pretraining run; a report compares a compression run (`diffcr compress`)")
+    if not (run_dir / "artifact" / "diffcr_weights.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no finished artifact ({run_dir / 'artifact'}); finish the run (`diffcr compress "
+            "--resume`) first"
+        )
+    check_writable_dir(out or run_dir / "report", "--out")
     torch.set_num_threads(2)
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a compression run (no run.json)")
     if not (run_dir / "assessment.json").is_file():
+        judge = load_classifier(classifier)
+        check_classifier_fits(judge, run.get("model_config") or {}, classifier)
         model_dir = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else None
-        import json
-
-        run = json.loads((run_dir / "run.json").read_text())
         routed = load_compressed(model_dir or run.get("base"), model_dir or run_dir / "artifact")
         dense = load_compressed(run.get("base"), None)
-        train_set, heldout = load_dataset(run.get("data"))
-        assess(run_dir, dense, routed, load_classifier(), heldout, train_set, SampleConfig(batch_size=25), num)
+        model_config = run.get("model_config") or {}
+        train_set, heldout = load_dataset(
+            run.get("data"),
+            image_size=model_config.get("sample_size", 32),
+            channels=model_config.get("in_channels", 1),
+        )
+        assess(run_dir, dense, routed, judge, heldout, train_set, SampleConfig(batch_size=25), num)
     path = build_report(run_dir, out)
     typer.echo(summary_table(load_assessment(run_dir)))
     typer.echo(f"report: {path}")
+
+
+def check_classifier_fits(judge, model_config: dict, classifier: Path | None) -> None:
+    """Refuse to judge a run's images with a classifier made for other images (it would fail, or mean nothing)."""
+    size = model_config.get("sample_size")
+    made = (model_config.get("in_channels"), size, size)
+    judged = tuple(judge.config.get(k) for k in ("in_channels", "image_size", "image_size"))
+    if made != judged:
+        which = f"the classifier in {classifier}" if classifier else "the shipped digit classifier"
+        raise ValueError(
+            f"{which} judges {judged[0]}x{judged[1]}x{judged[2]} images, but this run's model makes "
+            f"{made[0]}x{made[1]}x{made[2]} images: train one on the run's data with "
+            "`diffcr train-classifier --data DIR --out CLS` and pass --classifier CLS"
+        )

@@ -94,28 +94,39 @@ def split_train_heldout(dataset: ImageDataset, heldout_per_class: int = HELDOUT_
         if idx.numel() <= heldout_per_class:
             raise ValueError(
                 f"class {dataset.class_names[class_id]!r} has {idx.numel()} images; need more than "
-                f"{heldout_per_class} to hold {heldout_per_class} out"
+                f"{heldout_per_class} to hold {heldout_per_class} out for evaluation: add images to that class"
             )
         train_idx.append(idx[:-heldout_per_class])
         heldout_idx.append(idx[-heldout_per_class:])
     return dataset.subset(torch.cat(train_idx)), dataset.subset(torch.cat(heldout_idx))
 
 
-def load_dataset(data: str | None = None, image_size: int = IMAGE_SIZE, channels: int = 1):
+def load_dataset(data: str | None = None, image_size: int = IMAGE_SIZE, channels: int | None = 1):
     """Load the bundled digits (`data` None or "mnist5k") or an image folder, split into (train, heldout).
 
     Args:
         data: None / "mnist5k" for the bundled digits, else a folder with one subfolder per class.
-        image_size: side of the square images (folders are resized to it).
-        channels: 1 (grayscale) or 3 (RGB), for folders.
+        image_size: side of the square images (folders are resized to it; the digits are 32).
+        channels: 1 (grayscale), 3 (RGB) or None (as the images are), for folders; the digits have 1.
 
     Returns:
         (train, heldout) `ImageDataset` pair.
+
+    Raises:
+        ValueError: `data` is empty, the digits are asked for at another size or channel count, or the
+            folder cannot be read (see `load_image_folder`).
     """
     if data is None or data == "mnist5k":
+        if image_size != IMAGE_SIZE or channels not in (None, 1):
+            raise ValueError(
+                f"the bundled MNIST-5k digits are 1x{IMAGE_SIZE}x{IMAGE_SIZE}, not {channels or 1}x{image_size}x"
+                f"{image_size}: use a base model of that size, or pass --data with an image folder"
+            )
         dataset = load_mnist5k()
         heldout_per_class = HELDOUT_PER_CLASS
     else:
+        if not str(data).strip():
+            raise ValueError("--data is empty: pass 'mnist5k' or an image folder with one subfolder per class")
         from diffcr.data.folder import load_image_folder
 
         dataset = load_image_folder(data, image_size=image_size, channels=channels)

@@ -14,7 +14,7 @@ from accelerate import Accelerator  # noqa: E402
 
 import diffcr  # noqa: E402
 from diffcr.sampling import SampleConfig, class_labels, sample_sharded  # noqa: E402
-from diffcr.training import train  # noqa: E402
+from diffcr.train import train  # noqa: E402
 from test_training import config, tiny_base, tiny_data  # noqa: E402
 
 out = Path(sys.argv[1])

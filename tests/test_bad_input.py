@@ -26,7 +26,7 @@ from diffcr.data import load_image_folder
 from diffcr.data.mnist import ImageDataset
 from diffcr.models import build_base_model, load_base_model
 from diffcr.sampling import SampleConfig, parse_classes
-from diffcr.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from diffcr.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 runner = CliRunner()
 
@@ -452,7 +452,7 @@ def test_diverged_run_resumes_from_a_good_checkpoint_with_a_lower_lr(tmp_path, c
 
 
 def test_interrupt_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
-    import diffcr.training as training
+    import diffcr.train.loop as training
 
     real = training.draw_global_batch
 
@@ -516,7 +516,7 @@ def test_other_commands_name_bad_input(tmp_path, finished_run):
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path, base_dir, data_dir, monkeypatch):
-    import diffcr.training as training
+    import diffcr.train as training
 
     def interrupted(*args, **kwargs):
         raise TrainingInterrupted("training interrupted at step 3; the last checkpoint, X, is intact")

@@ -189,7 +189,7 @@ def test_uniform_routing_keeps_its_ratio_through_training(tmp_path):
     from diffcr.baselines import uniform_config
     from diffcr.data.mnist import ImageDataset
     from diffcr.models import build_base_model
-    from diffcr.training import TrainConfig, train
+    from diffcr.train import TrainConfig, train
 
     config = uniform_config(0.4)
     assert config.ratio_bins == (1.0, 0.4, 0.05) and config.ratio_loss_weight == 0.0

@@ -160,7 +160,7 @@ def test_bad_inputs_give_clear_errors(pretrained, tmp_path):
 
 def test_base_loads_from_a_path_object(pretrained, tmp_path):
     from diffcr.models import load_base_model
-    from diffcr.training import TrainConfig, train
+    from diffcr.train import TrainConfig, train
     from tests_helpers_data import tiny_digits
 
     model = load_base_model(pretrained / "model")  # a Path, as the CLI's default path is

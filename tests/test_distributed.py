@@ -51,7 +51,7 @@ def test_two_process_training_and_sharded_sampling(tmp_path):
     # one process, the same seeds: the same images
     sys.path.insert(0, str(Path(__file__).parent))
     import diffcr
-    from diffcr.training import train
+    from diffcr.train import train
     from test_training import config, tiny_base, tiny_data
 
     single = train(tmp_path / "single", tiny_base(), tiny_data(), config(mode="full", steps=2), progress=False)

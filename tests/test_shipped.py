@@ -8,7 +8,7 @@ import torch
 
 import diffcr
 from diffcr.models import SHIPPED_ARTIFACT_DIR, SHIPPED_BASE_DIR, load_base_model
-from diffcr.training import load_compressed
+from diffcr.train import load_compressed
 
 
 def test_shipped_files_are_small_safetensors():

@@ -12,7 +12,7 @@ import diffcr
 from diffcr.checkpoint import latest_checkpoint, load_checkpoint
 from diffcr.data.mnist import ImageDataset
 from diffcr.models import build_base_model
-from diffcr.training import TrainConfig, TrainingDiverged, train
+from diffcr.train import TrainConfig, TrainingDiverged, train
 
 
 def tiny_base(num_layers: int = 2, seed: int = 0):
@@ -58,7 +58,7 @@ def test_kept_ratio_moves_toward_target_and_ratio_loss_falls(tmp_path):
 
 
 def test_ratios_get_their_own_lr_and_no_weight_decay(tmp_path):
-    from diffcr.training import _build_optimizer, prepare_model
+    from diffcr.train.loop import _build_optimizer, prepare_model
 
     model = prepare_model(tiny_base(), config(mode="full", weight_decay=0.1), diffcr.DiffCRConfig())
     optimizer = _build_optimizer(model, config(mode="full", weight_decay=0.1))
@@ -92,7 +92,7 @@ def test_full_and_lora_modes_train_the_right_parameters(tmp_path):
     trainable = {n for n, p in lora.model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and "diffcr.kept_ratio" in trainable
     assert not any(n.endswith("to_q.base_layer.weight") for n in trainable)
-    from diffcr.training import finish_compression, load_compressed
+    from diffcr.train import finish_compression, load_compressed
 
     written = finish_compression(lora.model, tmp_path / "lora", "lora")
     merged = load_compressed(written["model"], written["model"])

@@ -140,7 +140,7 @@ def apply(model, config: DiffCRConfig | None = None):
         logger.warning(
             "%s drops class labels inside each block in train mode (dropout_prob=%s): the two blended bin passes "
             "and each region group would see different labels. Set dropout_prob = 0 on its LabelEmbedding modules "
-            "and drop labels once in the training loop (diffcr.training.disable_label_dropout does this).",
+            "and drop labels once in the training loop (diffcr.train.disable_label_dropout does this).",
             type(model).__name__,
             dropping[0].dropout_prob,
         )

@@ -422,7 +422,7 @@ def train_step_cost(
     import copy
 
     import diffcr
-    from diffcr.training import disable_label_dropout
+    from diffcr.train import disable_label_dropout
 
     dense, make_inputs = random_transformer(family, num_tokens, **shape)
     disable_label_dropout(dense)

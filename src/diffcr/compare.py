@@ -213,7 +213,7 @@ def train_variant(
     """Full fine-tune of a copy of `base` with `diffcr_config` (None = dense) for the recipe's budget; returns
     the trained model in eval mode with its schedule frozen."""
     import diffcr
-    from diffcr.training import TrainConfig, train
+    from diffcr.train import TrainConfig, train
 
     cfg = TrainConfig(
         mode="full" if diffcr_config is not None else "pretrain",

@@ -27,7 +27,7 @@ def ratio_convergence(run_dir: str | Path, model, last: int = 5) -> Convergence:
     """Target vs the mean kept ratio of the last `last` training steps (continuous ratios) and vs the
     frozen (snapped) schedule that sampling runs."""
     import diffcr
-    from diffcr.training import read_metrics
+    from diffcr.train import read_metrics
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())

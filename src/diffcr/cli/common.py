@@ -19,7 +19,7 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from diffcr.checkpoint import RunInUse
-        from diffcr.training import TrainingDiverged
+        from diffcr.train import TrainingDiverged
 
         try:
             return fn(*args, **kwargs)
@@ -78,7 +78,7 @@ def check_new_run_dir(out: Path, resume: bool) -> None:
 
 def check_base_data_fit(model, dataset, data: str) -> None:
     """A clearer wording of `check_dataset_fits_model` for the CLI's --base and --data."""
-    from diffcr.training import check_dataset_fits_model
+    from diffcr.train import check_dataset_fits_model
 
     try:
         check_dataset_fits_model(dataset, model)

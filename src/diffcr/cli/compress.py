@@ -46,7 +46,7 @@ def compress(
     from diffcr.data import load_dataset
     from diffcr.models import load_base_model
     from diffcr.models.tiny_dit import SCHEDULER_CONFIG
-    from diffcr.training import (
+    from diffcr.train import (
         TrainConfig,
         check_diffcr_config,
         check_mixed_precision,

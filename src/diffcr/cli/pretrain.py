@@ -39,7 +39,7 @@ def pretrain(
     from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.data import load_dataset
     from diffcr.models import BASE_MODEL_CONFIG, build_base_model
-    from diffcr.training import TrainConfig, check_mixed_precision, export_model, is_main_process, train
+    from diffcr.train import TrainConfig, check_mixed_precision, export_model, is_main_process, train
 
     # 1. every option is checked before anything is loaded or written
     cfg = TrainConfig(

@@ -32,7 +32,7 @@ def report(
     from diffcr.models.classifier import load_classifier
     from diffcr.report import build_report
     from diffcr.sampling import SampleConfig
-    from diffcr.training import load_compressed
+    from diffcr.train import load_compressed
 
     check_int("--num", num, 1, 1000, "images per class for the assessment")
     if not run_dir.is_dir():

@@ -45,7 +45,7 @@ def sample(
         save_npz,
         save_png,
     )
-    from diffcr.training import load_compressed
+    from diffcr.train import load_compressed
 
     # 1. every option and every output path is checked before the model is loaded or anything is written
     cfg = SampleConfig(

@@ -1,0 +1,117 @@
+"""What the training loop needs to know about a model's conditioning, behind one small interface.
+
+The loop draws image indices and a drop mask for the global batch, then asks the conditioning for the clean
+inputs and the model's keyword arguments; dropped samples get the "no condition" input (the null class, or
+the empty prompt's embedding), which is what classifier-free guidance needs at sampling time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ClassConditioning:
+    """Class labels: a class-conditional DiT on an `ImageDataset` (images in [-1, 1])."""
+
+    dataset: object
+    null_class: int
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.images.shape[1:])
+
+    def batch(self, idx: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        """(clean (b, C, H, W), model kwargs) for dataset rows `idx`, labels dropped where `drop`."""
+        clean = self.dataset.images[idx].to(device)  # (b, C, H, W)
+        labels = self.dataset.labels[idx].to(device)  # (b,)
+        labels = torch.where(drop.to(device), self.null_class, labels)
+        return clean, {"class_labels": labels}
+
+
+@dataclass
+class TextConditioning:
+    """Text embeddings from a prepared cache (`diffcr.data.latent_cache`): a PixArt transformer on latents.
+
+    Args:
+        cache: a `LatentCaptionDataset`.
+        use_additional_conditions: whether the transformer takes PixArt-Alpha's micro-conditions (resolution
+            and aspect ratio); the cache's images are square crops at its resolution.
+    """
+
+    cache: object
+    use_additional_conditions: bool = False
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.cache.manifest["latent_shape"])
+
+    def check_fits(self, model) -> None:
+        """Refuse a cache whose latents or text embeddings do not fit the transformer."""
+        config = model.config
+        channels, height, width = self.sample_shape
+        text_dim = self.cache.manifest["text_shape"][1]
+        problems = []
+        if channels != config.in_channels:
+            problems.append(f"latents have {channels} channels, the transformer takes {config.in_channels}")
+        if height % config.patch_size or width % config.patch_size:
+            problems.append(f"latents of {height}x{width} do not split into patches of {config.patch_size}")
+        if text_dim != config.caption_channels:
+            problems.append(f"text embeddings are {text_dim}-dim, the transformer takes {config.caption_channels}")
+        if problems:
+            raise ValueError(
+                f"the cache in {self.cache.root} does not fit this transformer: " + "; ".join(problems) + "; run "
+                "`diffcr prepare` with the pipeline you compress"
+            )
+
+    def batch(self, idx: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        """(latents (b, C, h, w), model kwargs) for cache rows `idx`, the empty prompt where `drop`."""
+        latents, embeds, mask = self.cache.batch(idx)  # (b, C, h, w), (b, L, D), (b, L)
+        drop = drop.view(-1, 1)  # (b, 1)
+        embeds = torch.where(drop.unsqueeze(-1), self.cache.empty_prompt_embeds, embeds)  # (b, L, D)
+        mask = torch.where(drop, self.cache.empty_prompt_mask, mask)  # (b, L)
+        resolution = float(self.cache.manifest["resolution"])
+        batch = latents.shape[0]
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.use_additional_conditions:
+            added = {
+                "resolution": torch.tensor([[resolution, resolution]], device=device).expand(batch, 2),
+                "aspect_ratio": torch.ones(batch, 1, device=device),
+            }
+        return latents.to(device), {
+            "encoder_hidden_states": embeds.to(device),
+            "encoder_attention_mask": mask.to(device),
+            "added_cond_kwargs": added,
+        }
+
+
+def as_conditioning(data, model):
+    """`data` as a conditioning for `model`: an `ImageDataset` becomes `ClassConditioning` (checked against the
+    model's classes, channels and size); a conditioning is checked with its own `check_fits`."""
+    if hasattr(data, "batch") and hasattr(data, "sample_shape"):
+        data.check_fits(model)
+        return data
+    from diffcr.models.tiny_dit import null_class_id
+    from diffcr.train.config import check_dataset_fits_model
+
+    check_dataset_fits_model(data, model)
+    return ClassConditioning(data, null_class_id(model))
+
+
+def model_prediction(model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The model's prediction (B, C, H, W) for the input channels.
+
+    Models with learned variance (PixArt, DiT: `out_channels == 2 * in_channels`) also predict the variance
+    interpolation; the diffusion loss uses the noise half only, and the variance half gets no gradient, so it
+    stays as pretrained (the samplers diffcr uses, DDIM and DPM-Solver, ignore it).
+    """
+    out = model(noisy, timestep=timesteps, **cond).sample
+    return out[:, : noisy.shape[1]]

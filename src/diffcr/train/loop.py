@@ -1,0 +1,371 @@
+"""One training loop for pretraining a base DiT and for compressing a DiT or PixArt with DiffCR, on accelerate.
+
+The loop reads top to bottom: pick the step's samples, noise them, predict, add the ratio loss, step.
+Everything random in a step (which images, which timesteps, which conditions are dropped, the noise) is drawn
+from a generator seeded by (seed, step) for the *global* batch, and each process takes its shard of it. So a
+resumed run repeats exactly the steps the uninterrupted run would have taken, and N processes see the same
+samples as one process does. What differs between class labels and text embeddings sits behind the
+conditioning interface of `diffcr.train.conditioning`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffcr.checkpoint import CheckpointError, check_writable_dir, latest_checkpoint, run_lock, write_json_atomic
+from diffcr.train.conditioning import as_conditioning, model_prediction
+from diffcr.train.config import (
+    TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+    check_diffcr_config,
+    check_mixed_precision,
+)
+from diffcr.train.runs import (
+    _checkpoint,
+    _checkpoint_to_resume,
+    _load_checkpoint_into,
+    _stop_if_diverged,
+    _truncate_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+
+LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes files, under `accelerate launch` or alone.
+
+    It sets up accelerate's shared state as `train` does (cpu=True on a CPU-only machine, which is what makes
+    torchrun-launched processes form a gloo group), so asking before training does not change the setup.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def disable_label_dropout(model: torch.nn.Module) -> None:
+    """Stop diffusers' DiT blocks from dropping class labels on their own in train mode.
+
+    Each DiT block's label embedder drops labels independently (10 %) when training, so different blocks
+    would see different labels for one sample; the loop drops labels once, for the whole model, instead.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "LabelEmbedding":
+            module.dropout_prob = 0.0
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """ "auto" means bf16 on CUDA and fp32 elsewhere: CPUs without native bf16 emulate it, which was 7x
+    slower than fp32 on the 2-core AMD EPYC (AVX2) development machine."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def draw_global_batch(step: int, cfg: TrainConfig, num_images: int, image_shape, num_train_timesteps: int):
+    """Everything random in one step for the whole (global) batch: a dict of CPU tensors."""
+    gen = _step_generator(cfg.seed, step)
+    batch = cfg.batch_size
+    image_idx = torch.randint(num_images, (batch,), generator=gen)
+    timesteps = torch.randint(num_train_timesteps, (batch,), generator=gen)
+    noise = torch.randn((batch, *image_shape), generator=gen)
+    drop = torch.rand(batch, generator=gen) < cfg.label_drop_prob
+    return {"image_idx": image_idx, "timesteps": timesteps, "noise": noise, "drop": drop}
+
+
+def _shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    if tensor.shape[0] % world:
+        raise ValueError(f"batch size {tensor.shape[0]} is not divisible by the {world} processes")
+    per = tensor.shape[0] // world
+    return tensor[rank * per : (rank + 1) * per]
+
+
+def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the model must predict, by the scheduler's own `prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(sample, noise, timesteps)
+    if kind == "sample":
+        return sample
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def _lr_factor(step: int, warmup_steps: int) -> float:
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def _build_optimizer(model, cfg: TrainConfig):
+    """AdamW with separate groups: base weights (or LoRA), routers, and ratios (own lr, never decayed)."""
+    groups = []
+    if cfg.mode != "pretrain":
+        import diffcr
+
+        parts = diffcr.parameter_groups(model)
+        groups.append(
+            {"params": parts["router"], "lr": cfg.router_lr, "weight_decay": cfg.weight_decay, "name": "router"}
+        )
+        # decoupled weight decay would pull kept ratios toward 0, i.e. toward more compression
+        groups.append({"params": parts["ratio"], "lr": cfg.ratio_lr, "weight_decay": 0.0, "name": "ratio"})
+        base = [p for p in parts["base"] if p.requires_grad]
+    else:
+        base = [p for p in model.parameters() if p.requires_grad]
+    if base:
+        groups.insert(0, {"params": base, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "base"})
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+
+def prepare_model(base_model, cfg: TrainConfig, diffcr_config=None):
+    """Set up what trains: DiffCR attached (unless pretraining), LoRA injected in "lora" mode, and
+    `requires_grad` set by mode. Returns the model (changed in place)."""
+    disable_label_dropout(base_model)
+    if cfg.mode == "pretrain":
+        base_model.requires_grad_(True)
+        return base_model
+    import diffcr
+
+    if not diffcr.is_applied(base_model):
+        diffcr.apply(base_model, diffcr_config or diffcr.DiffCRConfig())
+    parts = diffcr.parameter_groups(base_model)
+    for param in parts["base"]:
+        param.requires_grad_(cfg.mode == "full")
+    if cfg.mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS)
+        inject_adapter_in_model(lora, base_model)
+        for name, param in base_model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+    for param in parts["router"] + parts["ratio"]:
+        param.requires_grad_(True)
+    return base_model
+
+
+def train(
+    run_dir: str | Path,
+    base_model,
+    train_data,
+    cfg: TrainConfig,
+    diffcr_config=None,
+    scheduler=None,
+    resume: bool = False,
+    progress: bool = True,
+    run_info: dict | None = None,
+) -> TrainResult:
+    """Train `base_model` (pretraining or DiffCR compression) and write checkpoints to `run_dir`.
+
+    Args:
+        run_dir: folder for `run.json`, `metrics.jsonl` and `checkpoint-*` (created if missing).
+        base_model: a diffusers DiT; changed in place (DiffCR attached for compression modes).
+        train_data: an `ImageDataset` (images in [-1, 1] and class labels, for a class-conditional DiT) or a
+            conditioning of `diffcr.train.conditioning` (e.g. `TextConditioning` over a prepared cache).
+        cfg: the `TrainConfig`.
+        diffcr_config: the `DiffCRConfig` for compression modes (default `DiffCRConfig()`).
+        scheduler: the diffusers noise scheduler defining the forward process (default: the base recipe's).
+        resume: continue from `run_dir`'s latest checkpoint, bit for bit.
+        run_info: extra JSON-able facts for `run.json` (e.g. where the base model came from).
+
+    Returns:
+        A `TrainResult` with the trained model (unwrapped) and the number of steps done.
+
+    Raises:
+        TrainingDiverged: the loss, a gradient or the weights became NaN or infinite (the last checkpoint, which
+            holds finite weights, is intact).
+        FileExistsError: `run_dir` already holds a run and `resume` is False.
+        FileNotFoundError: `resume` is True but `run_dir` holds no checkpoint.
+        CheckpointError: the checkpoint to resume from is damaged (the message names the file).
+        RunInUse: another process is training into `run_dir`.
+        ValueError: the data does not fit the model, the DiffCR config does not fit the scheduler, `run_dir`
+            cannot be written, or a resumed run's settings differ from the saved ones.
+    """
+    from diffcr.models.tiny_dit import build_scheduler
+
+    run_dir = Path(run_dir)
+    scheduler = scheduler or build_scheduler("ddpm")
+    # every check that can fail runs before the first file is written or the first step is taken
+    check_writable_dir(run_dir, "run folder")
+    if cfg.mode != "pretrain":
+        check_diffcr_config(diffcr_config, scheduler.config.num_train_timesteps)
+    conditioning = as_conditioning(train_data, base_model)
+    check_mixed_precision(cfg.mixed_precision)
+    _checkpoint_to_resume(run_dir, resume, base_model, diffcr_config, cfg, run_info, log_changes=False)
+    if not is_main_process():  # the main process holds the run folder's lock for all of them
+        return _train(run_dir, base_model, conditioning, cfg, diffcr_config, scheduler, resume, progress, run_info)
+    with run_lock(run_dir):
+        return _train(run_dir, base_model, conditioning, cfg, diffcr_config, scheduler, resume, progress, run_info)
+
+
+def _train(
+    run_dir: Path, base_model, conditioning, cfg: TrainConfig, diffcr_config, scheduler, resume, progress, run_info
+):
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ckpt = _checkpoint_to_resume(run_dir, resume, base_model, diffcr_config, cfg, run_info)
+
+    # cpu=True on a CPU-only machine: that is what makes torchrun-launched processes form a gloo group
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available()
+    )
+    num_train_timesteps = scheduler.config.num_train_timesteps
+
+    teacher = None
+    if cfg.distill:
+        teacher = copy.deepcopy(base_model).eval().requires_grad_(False).to(accelerator.device)
+    if cfg.mode != "pretrain":
+        from diffcr.config import DiffCRConfig
+
+        diffcr_config = diffcr_config or DiffCRConfig()
+        if diffcr_config.num_train_timesteps is None:  # regions cut the range this scheduler trains on
+            diffcr_config = diffcr_config.replace(num_train_timesteps=num_train_timesteps)
+    model = prepare_model(base_model, cfg, diffcr_config)
+    routed = cfg.mode != "pretrain"
+    if routed:
+        import diffcr
+
+        diffcr_config = diffcr.get_config(model)
+        ratio_weight = diffcr_config.ratio_loss_weight
+    optimizer = _build_optimizer(model, cfg)
+
+    start_step = 0
+    if ckpt is not None:
+        start_step = _load_checkpoint_into(ckpt, model, optimizer, cfg)
+        logger.info("resumed %s at step %d", run_dir, start_step)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            run_dir / "run.json",
+            {
+                "train": asdict(cfg),
+                "diffcr": diffcr_config.to_dict() if routed else None,
+                "model_class": type(base_model).__name__,
+                "model_config": dict(base_model.config),
+                "scheduler_config": dict(scheduler.config),
+                "num_train_images": len(conditioning),
+                **(run_info or {}),
+            },
+        )
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (progress and accelerator.is_main_process),
+        desc=cfg.mode,
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    step = start_step
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    try:
+        while step < cfg.steps:
+            # 1. the step's samples: each process takes its shard of the global batch
+            drawn = draw_global_batch(step, cfg, len(conditioning), conditioning.sample_shape, num_train_timesteps)
+            idx = _shard(drawn["image_idx"], rank, world)
+            drop = _shard(drawn["drop"], rank, world)  # (b,): condition dropped (null class / empty prompt)
+            clean, cond = conditioning.batch(idx, drop, device)  # (b, C, H, W), the model's condition kwargs
+            noise = _shard(drawn["noise"], rank, world).to(device)
+            timesteps = _shard(drawn["timesteps"], rank, world).to(device)  # (b,)
+            noisy = scheduler.add_noise(clean, noise, timesteps)
+
+            # 2. the loss: diffusion (or distillation) + lambda * ratio loss
+            if teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    target = model_prediction(teacher, noisy, timesteps, cond).float()
+            else:
+                target = diffusion_target(scheduler, clean, noise, timesteps)
+            with accelerator.autocast():
+                prediction = model_prediction(model, noisy, timesteps, cond)
+            diffusion_loss = F.mse_loss(prediction.float(), target)
+            loss = diffusion_loss
+            ratio_loss = mean_kept = None
+            if routed:
+                unwrapped = accelerator.unwrap_model(model)
+                ratio_loss = diffcr.ratio_loss(unwrapped)
+                mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
+                loss = diffusion_loss + ratio_weight * ratio_loss
+            _stop_if_diverged(accelerator, loss, step, start_step, run_dir, "loss")
+
+            # 3. the update; a non-finite gradient stops training before it can reach the weights
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg.warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            _stop_if_diverged(accelerator, grad_norm, step, start_step, run_dir, "gradient norm")
+            optimizer.step()
+            if routed:  # keep every kept ratio inside the bins' range (METHOD section 2)
+                with torch.no_grad():
+                    unwrapped.diffcr.kept_ratio.clamp_(min(diffcr_config.ratio_bins), 1.0)
+            step += 1
+
+            # 4. logging and checkpoints
+            row = {
+                "step": step,
+                "loss": loss.item(),
+                "diffusion_loss": diffusion_loss.item(),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            if routed:
+                row["ratio_loss"] = ratio_loss.item()
+                row["mean_kept_ratio"] = float(mean_kept)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            postfix = {"loss": f"{row['diffusion_loss']:.4f}"}
+            if routed:
+                postfix.update(ratio=f"{row['ratio_loss']:.4f}", kept=f"{row['mean_kept_ratio']:.3f}")
+            bar.set_postfix(postfix)
+            bar.update(1)
+            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) > cfg.max_minutes * 60
+            if world > 1:  # every rank must stop (and checkpoint) at the same step
+                flag = torch.tensor([float(out_of_time)], device=device)
+                out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+                _checkpoint(accelerator, run_dir, step, model, optimizer, cfg)
+            if out_of_time:
+                logger.info("stopping at step %d: max_minutes=%s reached", step, cfg.max_minutes)
+                break
+    except KeyboardInterrupt as err:
+        ckpt = None
+        try:
+            ckpt = latest_checkpoint(run_dir)
+        except CheckpointError:
+            pass
+        where = f"the last checkpoint, {ckpt}, is intact: --resume continues from it" if ckpt else "no checkpoint yet"
+        raise TrainingInterrupted(f"training interrupted at step {step}; {where}") from err
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, accelerator.unwrap_model(model), step, time.perf_counter() - started)

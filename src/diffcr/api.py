@@ -527,6 +527,9 @@ def _model_class(path, subfolder: str | None, kwargs: dict) -> type:
 def _artifact_folder(path, subfolder: str | None, kwargs: dict) -> Path:
     """The local folder holding the artifact files (downloaded into the hub cache for a repo id)."""
     inner = "/".join(part for part in (subfolder, PRETRAINED_SUBFOLDER) if part)
+    beside = _fetch(path, subfolder, WEIGHTS_NAME, {}) if Path(path).is_dir() else None
+    if beside is not None and beside.is_file():  # an artifact written beside the weights (diffcr before 0.2)
+        return beside.parent
     weights = _fetch(path, inner, WEIGHTS_NAME, kwargs)
     if Path(path).is_dir() and not weights.is_file():
         raise FileNotFoundError(

@@ -223,7 +223,11 @@ def save_npz(path, images: torch.Tensor, labels: torch.Tensor) -> None:
 
 def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
     """(n, C, H, W) in [-1, 1] -> one uint8 (rows*H, columns*W, C) grid with 2-pixel gaps."""
-    arrays = to_uint8(images)
+    return array_grid(to_uint8(images), columns)
+
+
+def array_grid(arrays: np.ndarray, columns: int) -> np.ndarray:
+    """(n, H, W, C) uint8 -> one uint8 grid, `columns` images a row, with 2-pixel white gaps."""
     n, height, width, channels = arrays.shape
     rows = -(-n // columns)
     gap = 2

@@ -14,7 +14,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from diffcr.cli import bench, classifier, compress, demo, pretrain, report, sample  # noqa: F401
+    from diffcr.cli import bench, classifier, compress, demo, prepare, pretrain, report, sample  # noqa: F401
 
 
 def main() -> None:

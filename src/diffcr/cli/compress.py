@@ -1,4 +1,5 @@
-"""`diffcr compress`: fine-tune a base DiT with DiffCR (routers and kept ratios), on accelerate."""
+"""`diffcr compress`: fine-tune a base with DiffCR (routers and kept ratios), on accelerate: a class-conditional
+DiT on images, or a PixArt pipeline's transformer on a cache made by `diffcr prepare`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from diffcr.cli.common import friendly_errors
 @friendly_errors
 def compress(
     out: Path = typer.Option(Path("runs/compress"), help="run directory"),
-    base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder / repo id"),
-    data: str = typer.Option("mnist5k", help="'mnist5k' (bundled) or an image folder with one subfolder per class"),
+    base: str = typer.Option(
+        "default", help="'default' (shipped DiT), a diffusers DiT folder / repo id, or a PixArt pipeline (text)"
+    ),
+    data: str = typer.Option(
+        "mnist5k", help="'mnist5k' (bundled), an image folder with one subfolder per class, or a `prepare` cache"
+    ),
     mode: str = typer.Option("full", help="what trains: routers (routers+ratios), lora, full"),
     target: float = typer.Option(0.55, help="target mean kept ratio (0.55 = 45 % compression)"),
     regions: int = typer.Option(4, help="timestep regions R (1 = DiffCR-L)"),
@@ -31,6 +36,8 @@ def compress(
     weight_decay: float = typer.Option(0.0, help="for base and routers; kept ratios are never decayed"),
     lora_rank: int = typer.Option(32),
     distill: bool = typer.Option(False, help="match the frozen dense model instead of the data's noise"),
+    drop_prob: float = typer.Option(0.1, help="probability of dropping the class label / caption (for guidance)"),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute blocks in the backward pass: less memory"),
     minutes: float = typer.Option(None, help="stop after this many minutes"),
     checkpoint_every: int = typer.Option(50),
     seed: int = typer.Option(0),
@@ -62,8 +69,9 @@ def compress(
         diffcr_config = diffcr.DiffCRConfig(
             target_kept_ratio=target, timestep_regions=regions, gate=gate, ratio_loss_weight=ratio_loss_weight
         )
-    # train() uses the recipe's DDPM scheduler; check the config against it now rather than after loading
-    check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
+    text = is_prepared_cache(data)
+    if not text:  # train() uses the recipe's DDPM scheduler; check the config against it before loading anything
+        check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
     cfg = TrainConfig(
         mode=mode,
         steps=steps,
@@ -74,6 +82,8 @@ def compress(
         weight_decay=weight_decay,
         lora_rank=lora_rank,
         distill=distill,
+        label_drop_prob=drop_prob,
+        gradient_checkpointing=gradient_checkpointing,
         max_minutes=minutes,
         checkpoint_every=checkpoint_every,
         seed=seed,
@@ -85,12 +95,17 @@ def compress(
     check_new_run_dir(out, resume)
 
     # 2. the base model, then the data at its image size and with the images' own channels (checked against it)
-    model = load_base_model(base)
-    folder = data not in (None, "mnist5k")
-    train_set, _ = load_dataset(
-        data, image_size=model.config.sample_size if folder else 32, channels=None if folder else 1
-    )
-    check_base_data_fit(model, train_set, data)
+    scheduler = None
+    if text:
+        model, train_set, scheduler = load_text_to_image(base, data)
+        check_diffcr_config(diffcr_config, scheduler.config.num_train_timesteps)
+    else:
+        model = load_base_model(base)
+        folder = data not in (None, "mnist5k")
+        train_set, _ = load_dataset(
+            data, image_size=model.config.sample_size if folder else 32, channels=None if folder else 1
+        )
+        check_base_data_fit(model, train_set, data)
 
     # 3. train and write, holding the run folder against a second run into the same --out
     torch.manual_seed(seed)
@@ -102,6 +117,7 @@ def compress(
             train_set,
             cfg,
             diffcr_config=diffcr_config,
+            scheduler=scheduler,
             resume=resume,
             run_info={"base": base, "data": data},
         )
@@ -113,6 +129,29 @@ def compress(
         f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
         + ", ".join(f"{k}: {v}" for k, v in written.items())
     )
+
+
+def is_prepared_cache(data: str) -> bool:
+    from diffcr.data.latent_cache import MANIFEST
+
+    return (Path(data) / MANIFEST).is_file()
+
+
+def load_text_to_image(base: str, data: str):
+    """(PixArt transformer, TextConditioning over the cache, a DDPM scheduler with the pipeline's noise schedule)."""
+    from diffusers import DDPMScheduler
+
+    from diffcr.data.latent_cache import LatentCaptionDataset, load_text_to_image_pipeline
+    from diffcr.train.conditioning import TextConditioning
+
+    cache = LatentCaptionDataset(data)
+    pipe = load_text_to_image_pipeline(base)
+    cache.check_pipeline(pipe, base)
+    transformer = pipe.transformer
+    # the forward process the pipeline's sampler inverts: same betas and prediction type, as a DDPM schedule
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    conditioning = TextConditioning(cache, bool(transformer.config.use_additional_conditions))
+    return transformer, conditioning, scheduler
 
 
 def read_diffcr_config(path: Path):

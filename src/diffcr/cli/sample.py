@@ -1,4 +1,5 @@
-"""`diffcr sample`: class-conditional samples from a base model, with or without a DiffCR artifact."""
+"""`diffcr sample`: samples from a base model with or without a DiffCR artifact: class-conditional for a DiT,
+text-to-image through the diffusers pipeline for a PixArt pipeline (`--prompt` / `--prompts`)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,26 @@ from diffcr.cli.common import friendly_errors
 @app.command()
 @friendly_errors
 def sample(
-    base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder / repo id"),
+    base: str = typer.Option(
+        "default", help="base model: 'default' (shipped DiT), a diffusers DiT folder / repo id, or a PixArt pipeline"
+    ),
     artifact: str = typer.Option("default", help="DiffCR artifact folder, 'default' (shipped) or 'none' (dense)"),
     classes: str = typer.Option("0-9", help="class ids, e.g. '0-9' or '1,3,5'"),
-    num: int = typer.Option(8, help="images per class"),
+    prompt: str = typer.Option(None, help="text-to-image: one prompt (with a PixArt pipeline as --base)"),
+    prompts: Path = typer.Option(None, help="text-to-image: a text file, one prompt a line"),
+    negative_prompt: str = typer.Option("", help="text-to-image: the unconditional text of guidance"),
+    height: int = typer.Option(None, help="text-to-image: pixels (default: the transformer's native size)"),
+    width: int = typer.Option(None, help="text-to-image: pixels (default: the transformer's native size)"),
+    num: int = typer.Option(8, help="images per class (or per prompt)"),
     seed: int = typer.Option(0, help="image i uses seed + i, whatever the batch size or process count"),
     scheduler: str = typer.Option("ddim", help="ddim or dpm (DPM-Solver++)"),
     steps: int = typer.Option(20),
-    guidance_scale: float = typer.Option(3.0),
-    batch_size: int = typer.Option(50),
-    out: Path = typer.Option(Path("samples.png"), help="PNG grid (one row per class)"),
-    npz: Path = typer.Option(None, help="also write arr_0 (n, H, W, C) uint8 and labels to this .npz"),
+    guidance_scale: float = typer.Option(None, help="classifier-free guidance (default 3.0; 4.5 for text)"),
+    batch_size: int = typer.Option(None, help="images per model call (default 50; 4 for text); same images"),
+    out: Path = typer.Option(
+        Path("samples.png"), help="PNG grid (one row per class or prompt); text-to-image also writes each image"
+    ),
+    npz: Path = typer.Option(None, help="also write arr_0 (n, H, W, C) uint8 and labels (or prompts) to this .npz"),
     threads: int = typer.Option(2, help="CPU threads per process"),
 ) -> None:
     """Sample images; under `accelerate launch` each process makes its shard of the seeds."""
@@ -47,9 +57,14 @@ def sample(
     )
     from diffcr.train import load_compressed
 
+    if prompt is not None or prompts is not None:
+        options = dict(negative_prompt=negative_prompt, height=height, width=width, num=num, seed=seed, steps=steps)
+        options.update(guidance_scale=4.5 if guidance_scale is None else guidance_scale, batch_size=batch_size or 4)
+        return sample_text(base, artifact, prompt, prompts, out, npz, threads, **options)
     # 1. every option and every output path is checked before the model is loaded or anything is written
+    guidance_scale = 3.0 if guidance_scale is None else guidance_scale
     cfg = SampleConfig(
-        scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size, seed=seed
+        scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size or 50, seed=seed
     )
     check_int("--num", num, 1, MAX_PER_CLASS, "images per class; the grid puts them in one row")
     check_int("--threads", threads, 1, max(64, 4 * (os.cpu_count() or 1)), "CPU threads per process")
@@ -84,3 +99,73 @@ def sample(
 
 MAX_PER_CLASS = 10_000
 MAX_IMAGES = 1_000_000
+
+
+def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | None, threads: int, **options) -> None:
+    """Text-to-image through the PixArt pipeline at `base`, with the DiffCR artifact (or dense)."""
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    from diffcr.checkpoint import check_writable_file
+    from diffcr.cli.common import check_int
+    from diffcr.sampling import array_grid, image_format, save_png
+    from diffcr.text_to_image import (
+        PromptSampleConfig,
+        image_seeds,
+        load_pipeline,
+        read_prompts,
+        sample_prompts,
+        save_images,
+        save_npz,
+    )
+
+    # 1. options and output paths, before the pipeline is loaded
+    if str(artifact) == "default":
+        raise ValueError(
+            "text-to-image has no shipped artifact: pass --artifact DIR (a compress run's artifact/ or "
+            "model/ folder) or --artifact none for the dense pipeline"
+        )
+    texts = read_prompts(prompt, prompts_file)
+    check_int("--threads", threads, 1, 4096, "CPU threads per process")
+    cfg = PromptSampleConfig(
+        steps=options["steps"],
+        guidance_scale=options["guidance_scale"],
+        negative_prompt=options["negative_prompt"],
+        num_per_prompt=options["num"],
+        seed=options["seed"],
+        height=options["height"],
+        width=options["width"],
+        batch_size=options["batch_size"],
+    )
+    check_writable_file(out, "--out")
+    image_format(out)
+    if npz is not None:
+        check_writable_file(npz, "--npz")
+
+    # 2. the pipeline and this process's share of the images
+    torch.set_num_threads(threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    pipe = load_pipeline(base, artifact).to(accelerator.device)
+    total = len(image_seeds(len(texts), cfg))
+    mine = list(range(accelerator.process_index, total, accelerator.num_processes))
+    images = sample_prompts(pipe, texts, cfg, indices=mine, progress=accelerator.is_main_process)
+    if accelerator.num_processes > 1:
+        shares = accelerator.gather_for_metrics([(mine, images)], use_gather_object=True)
+        if not accelerator.is_main_process:
+            return
+        ordered = [None] * total
+        for indices, part in shares:
+            for i, image in zip(indices, part):
+                ordered[i] = image
+        images = np.stack(ordered)
+
+    # 3. the outputs: each image, the grid (one row per prompt), the npz
+    folder = out.with_suffix("")
+    save_images(folder, images, texts, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(out, array_grid(images, cfg.num_per_prompt))
+    if npz is not None:
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        save_npz(npz, images, texts, cfg)
+    typer.echo(f"{len(images)} images -> {folder}/ and {out}" + (f" and {npz}" if npz else ""))

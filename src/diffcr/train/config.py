@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     distill: bool = False
     lora_rank: int = 32
+    gradient_checkpointing: bool = False
     max_minutes: float | None = None
     num_threads: int | None = 2
 

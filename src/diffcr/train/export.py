@@ -30,7 +30,8 @@ def finish_compression(model, out_dir: str | Path, mode: str) -> dict[str, Path]
 
     Writes `out_dir/artifact/` (routers and ratios, `diffcr.save`) and, when the base weights changed
     (modes "lora" and "full"), `out_dir/model/`: the fine-tuned base as a diffusers folder (LoRA merged) with
-    the DiffCR artifact files beside its weights, so that one folder loads the whole compressed model.
+    the DiffCR artifact in its `diffcr/` subfolder, as a routed model's `save_pretrained` writes it, so that
+    one folder loads the whole compressed model (`diffcr.from_pretrained`).
 
     Returns:
         {"artifact": path, "model": path (if written)}.
@@ -52,7 +53,8 @@ def finish_compression(model, out_dir: str | Path, mode: str) -> dict[str, Path]
         if mode == "lora":
             base = merge_lora(base)
         export_model(base, out_dir / "model")
-        diffcr.save(model, out_dir / "model")
+        # the layout of a routed model's save_pretrained: the base at the top, the artifact in diffcr/
+        diffcr.save(model, out_dir / "model" / diffcr.api.PRETRAINED_SUBFOLDER)
         written["model"] = out_dir / "model"
     state.wait_for_everyone()
     return written

@@ -40,7 +40,8 @@ from diffcr.train.runs import (
 logger = logging.getLogger(__name__)
 
 
-LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+# self-attention, cross-attention (PixArt; DiT has none) and the MLP of every block, as the paper's PixArt recipe
+LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
 
 def is_main_process() -> bool:
@@ -139,6 +140,8 @@ def prepare_model(base_model, cfg: TrainConfig, diffcr_config=None):
     """Set up what trains: DiffCR attached (unless pretraining), LoRA injected in "lora" mode, and
     `requires_grad` set by mode. Returns the model (changed in place)."""
     disable_label_dropout(base_model)
+    if cfg.gradient_checkpointing:  # recomputes each block in the backward pass: less memory, more time
+        base_model.enable_gradient_checkpointing()
     if cfg.mode == "pretrain":
         base_model.requires_grad_(True)
         return base_model

@@ -39,6 +39,7 @@ RESUME_MAY_CHANGE = (
     "ratio_lr",
     "grad_clip",
     "warmup_steps",
+    "gradient_checkpointing",
 )
 
 

@@ -1,0 +1,114 @@
+"""Text-to-image through the CLI on a tiny PixArt-Sigma pipeline built offline: prepare -> compress -> sample,
+resume, and the artifact loaded into the diffusers pipeline in two lines. Nothing downloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import diffcr
+from diffcr.cli import app
+from t2i_helpers import build_tiny_pixart_pipeline, write_caption_folder
+
+runner = CliRunner()
+PROMPT = "a cat on the left"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def compress_args(pipe, cache, out, steps: int, *extra):
+    return ("compress", "--base", pipe, "--data", cache, "--out", out, "--steps", steps, "--batch-size", 4,
+            "--target", 0.5, "--ratio-lr", 0.3, "--checkpoint-every", 2, *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    pipe = build_tiny_pixart_pipeline(root / "pipe")
+    data = write_caption_folder(root / "data", count=6)
+    (data / "lonely.txt").write_text("a caption with no image")
+    result = invoke("prepare", "--base", pipe, "--data", data, "--out", root / "cache", "--shard-size", 4)
+    assert result.exit_code == 0, result.output
+    assert "6 image-caption pairs encoded" in result.output and "lonely.txt" in result.output
+    return root, pipe, root / "cache"
+
+
+@pytest.fixture(scope="module")
+def compressed(prepared):
+    root, pipe, cache = prepared
+    result = invoke(*compress_args(pipe, cache, root / "run", 4, "--mode", "lora", "--lora-rank", 4))
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_compress_writes_artifact_and_fine_tuned_transformer(compressed):
+    assert (compressed / "artifact" / "diffcr_weights.safetensors").is_file()
+    assert (compressed / "model" / "diffcr" / "diffcr_weights.safetensors").is_file()
+    weights = load_file(str(compressed / "model" / "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in weights if "lora" in k or k.startswith("diffcr")]  # LoRA merged, base keys only
+    ratios = load_file(str(compressed / "artifact" / "diffcr_weights.safetensors"))["kept_ratio"]
+    assert ratios.shape == (2, 4) and ratios.min() < 0.9  # the ratios learned toward the target
+
+
+def test_sample_dense_equals_the_plain_pipeline(prepared, tmp_path):
+    from diffusers import PixArtSigmaPipeline
+
+    _, pipe_dir, _ = prepared
+    npz = tmp_path / "dense.npz"
+    result = invoke("sample", "--base", pipe_dir, "--artifact", "none", "--prompt", PROMPT, "--num", 2,
+                    "--steps", 3, "--seed", 11, "--out", tmp_path / "grid.png", "--npz", npz)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = np.load(npz)
+    assert data["arr_0"].shape == (2, 16, 16, 3) and data["prompts"].tolist() == [PROMPT, PROMPT]
+    assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["0000-seed11.png", "0000-seed12.png"]
+    pipe = PixArtSigmaPipeline.from_pretrained(pipe_dir)
+    for i, seed in enumerate((11, 12)):
+        image = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="np",
+                     use_resolution_binning=False).images[0]  # fmt: skip
+        np.testing.assert_array_equal(data["arr_0"][i], (image * 255).round().astype(np.uint8))
+
+
+def test_artifact_loads_into_the_pipeline_in_two_lines(prepared, compressed, tmp_path):
+    from diffusers import PixArtSigmaPipeline
+
+    _, pipe_dir, _ = prepared
+    npz = tmp_path / "routed.npz"
+    result = invoke("sample", "--base", pipe_dir, "--artifact", compressed / "artifact", "--prompt", PROMPT,
+                    "--num", 2, "--steps", 3, "--seed", 3, "--batch-size", 1, "--out", tmp_path / "g.png",
+                    "--npz", npz)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pipe = PixArtSigmaPipeline.from_pretrained(pipe_dir)
+    diffcr.load(pipe.transformer, compressed / "artifact")
+    images = pipe([PROMPT, PROMPT], num_inference_steps=3, output_type="np", use_resolution_binning=False,
+                  generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images  # fmt: skip
+    np.testing.assert_array_equal(np.load(npz)["arr_0"], (images * 255).round().astype(np.uint8))
+    # the fine-tuned transformer folder samples too (LoRA merged), and differs from routers on the base
+    result = invoke("sample", "--base", pipe_dir, "--artifact", compressed / "model", "--prompt", PROMPT,
+                    "--steps", 3, "--num", 1, "--out", tmp_path / "m.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_on_text_is_bit_exact(prepared, tmp_path):
+    root, pipe, cache = prepared
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert invoke(*compress_args(pipe, cache, straight, 4, "--mode", "routers")).exit_code == 0
+    assert invoke(*compress_args(pipe, cache, halves, 2, "--mode", "routers")).exit_code == 0
+    result = invoke(*compress_args(pipe, cache, halves, 4, "--mode", "routers", "--resume"))
+    assert result.exit_code == 0, result.output
+    a = load_file(str(straight / "artifact" / "diffcr_weights.safetensors"))
+    b = load_file(str(halves / "artifact" / "diffcr_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_of_another_pipeline_is_refused(prepared, tmp_path):
+    root, _, cache = prepared
+    other = build_tiny_pixart_pipeline(tmp_path / "other", image_size=32)
+    result = invoke(*compress_args(other, cache, tmp_path / "o", 1))
+    assert result.exit_code == 2 and "was made by another pipeline" in result.output
+    result = invoke("compress", "--base", root / "pipe", "--data", root / "data", "--out", tmp_path / "p")
+    assert result.exit_code == 2 and "error:" in result.output

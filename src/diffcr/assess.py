@@ -33,6 +33,9 @@ class Assessment:
     classifier_heldout_accuracy: float | None
     machine: dict
     schedule: list[list[float]] = field(default_factory=list)
+    # facts of the training run (see `training_facts`) and the warnings they give (see `run_warnings`)
+    training: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -141,7 +144,11 @@ def assess(
         classifier_heldout_accuracy=classifier_meta.get("heldout_accuracy"),
         machine=machine_description(),
         schedule=diffcr.schedule(routed_model).kept_ratio if diffcr.is_applied(routed_model) else [],
+        training=training_facts(run_dir),
     )
+    result.warnings = run_warnings(asdict(result))
+    for line in result.warnings:
+        logger.warning(line)
     (run_dir / "assessment.json").write_text(result.to_json())
     return result
 
@@ -153,8 +160,77 @@ def load_assessment(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def summary_table(assessment: dict) -> str:
-    """The demo's summary as a Markdown table."""
+# how far the mean kept ratio while sampling may be from the target before a run is flagged
+KEPT_RATIO_TOLERANCE = 0.03
+
+
+def training_facts(run_dir: str | Path) -> dict:
+    """What a run's training planned and did, from its `run.json` and `metrics.jsonl` ({} if it has none).
+
+    Returns:
+        {"planned_steps", "steps_done", "max_minutes", "train_seconds", "target_kept_ratio"} (the target is
+        None for a dense run).
+    """
+    from diffcr.train import read_metrics
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        return {}
+    run = json.loads((run_dir / "run.json").read_text())
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    train = run.get("train") or {}
+    return {
+        "planned_steps": train.get("steps"),
+        "steps_done": metrics[-1]["step"] if metrics else 0,
+        "max_minutes": train.get("max_minutes"),
+        "train_seconds": metrics[-1].get("seconds") if metrics else 0.0,
+        "target_kept_ratio": (run.get("diffcr") or {}).get("target_kept_ratio"),
+    }
+
+
+def run_warnings(assessment: dict) -> list[str]:
+    """The ways a run differs from what it planned, one line each (empty when it did what it planned):
+    training stopped before its planned steps, or the mean kept ratio while sampling is more than
+    `KEPT_RATIO_TOLERANCE` from the target.
+
+    Args:
+        assessment: an assessment as a dict (`assessment.json`); its "training" facts come from `training_facts`.
+
+    Returns:
+        Lines starting with "WARNING:", saying what happened and what it means.
+
+    Example:
+        >>> run_warnings({"training": {"planned_steps": 140, "steps_done": 62, "max_minutes": 5,
+        ...               "target_kept_ratio": 0.5}, "mean_kept_ratio_sampling": 0.6})[0][:44]
+        'WARNING: training stopped at step 62 of 140 '
+    """
+    facts = assessment.get("training") or {}
+    lines = []
+    planned, done = facts.get("planned_steps"), facts.get("steps_done")
+    if planned is not None and done is not None and done < planned:
+        cap = facts.get("max_minutes")
+        if cap is not None:
+            why, fix = f"the --minutes {cap:g} time cap", "rerun without --minutes"
+        else:
+            why, fix = "interrupted", "resume it (--resume) or rerun it"
+        lines.append(
+            f"WARNING: training stopped at step {done} of {planned} planned ({why}): the model is under-trained, "
+            f"so the speed and quality measured here are not those of its recipe; {fix}"
+        )
+    target, kept = facts.get("target_kept_ratio"), assessment.get("mean_kept_ratio_sampling")
+    if target is not None and kept is not None and abs(kept - target) > KEPT_RATIO_TOLERANCE:
+        direction = "less" if kept > target else "more"
+        lines.append(
+            f"WARNING: the schedule missed its target: mean kept ratio while sampling {kept:.3f} vs target "
+            f"{target:.3f} (tolerance {KEPT_RATIO_TOLERANCE}); the model is {direction} compressed than asked, "
+            "so its speedup and quality are not those of the target; train longer (more steps)"
+        )
+    return lines
+
+
+def summary_table(assessment: dict, warnings: bool = True) -> str:
+    """The demo's summary as a Markdown table, followed (after a blank line) by the run's warnings, if any,
+    unless `warnings` is False."""
     dense, routed = assessment["dense"], assessment["diffcr"]
     rows = [
         "| | dense | DiffCR |",
@@ -170,4 +246,5 @@ def summary_table(assessment: dict) -> str:
         f"{routed['fid']:.2f} |",
         f"| PSNR / SSIM vs dense, same noise | - | {routed['psnr_vs_dense']:.1f} dB / {routed['ssim_vs_dense']:.3f} |",
     ]
-    return "\n".join(rows)
+    flagged = run_warnings(assessment) if warnings else []
+    return "\n".join(rows + ([""] + flagged if flagged else []))

@@ -183,9 +183,9 @@ def _markdown_table_to_html(table: str) -> str:
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `report.html` and its PNGs for a compression run that has been assessed. Returns the HTML path."""
     import diffcr
-    from diffcr.assess import load_assessment, summary_table
+    from diffcr.assess import load_assessment, run_warnings, summary_table, training_facts
     from diffcr.sampling import SampleConfig
-    from diffcr.training import load_compressed, read_metrics
+    from diffcr.train import load_compressed, read_metrics
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
@@ -213,16 +213,25 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         ),
         "router_maps": router_maps(model, labels, sample_cfg, out_dir / "router_maps.png"),
     }
-    summary = summary_table(assessment)
-    (out_dir / "summary.md").write_text(summary + "\n")
+    # an assessment written before the training facts were stored: take them from the run now
+    assessment["training"] = assessment.get("training") or training_facts(run_dir)
+    summary = summary_table(assessment, warnings=False)
+    warnings = run_warnings(assessment)
+    (out_dir / "summary.md").write_text(summary_table(assessment) + "\n")
     train = run["train"]
+    facts = assessment["training"]
+    steps_done = facts.get("steps_done", len(read_metrics(run_dir)))
+    planned = facts.get("planned_steps", steps_done)
+    steps_text = f"{steps_done} steps" if steps_done == planned else f"{steps_done} of {planned} planned steps"
+    warning_html = "".join(f'<p class="warning">{html.escape(line)}</p>\n' for line in warnings)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>diffcr report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th{{background:#f3f3f3}}img{{max-width:100%}}pre{{background:#f7f7f7;padding:8px}}</style></head><body>
+th{{background:#f3f3f3}}img{{max-width:100%}}pre{{background:#f7f7f7;padding:8px}}
+.warning{{background:#fff3cd;border:2px solid #c77c02;padding:8px 12px;font-weight:bold}}</style></head><body>
 <h1>DiffCR report: {html.escape(str(run_dir))}</h1>
-<p>Mode <b>{html.escape(train["mode"])}</b>, {len(read_metrics(run_dir))} steps, batch {train["batch_size"]},
+{warning_html}<p>Mode <b>{html.escape(train["mode"])}</b>, {steps_text}, batch {train["batch_size"]},
 target kept ratio {run["diffcr"]["target_kept_ratio"]}, {run["diffcr"]["timestep_regions"]} timestep regions,
 gate {html.escape(run["diffcr"]["gate"])}. Sampler: {html.escape(sample_cfg.scheduler.upper())}
 {sample_cfg.steps} steps, guidance {sample_cfg.guidance_scale}. Machine: {html.escape(str(assessment["machine"]))}.</p>

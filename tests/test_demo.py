@@ -1,0 +1,135 @@
+"""The demo is budgeted in steps, estimates its time before training, and flags a run that did not do what its
+recipe planned (an early stop, a missed kept-ratio target) in the summary and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diffcr.assess import KEPT_RATIO_TOLERANCE, run_warnings, summary_table, training_facts
+from diffcr.cli import app
+from diffcr.demo import DemoEstimate, DemoRecipe
+
+
+def assessment(planned=140, done=140, max_minutes=None, target=0.5, kept=0.5) -> dict:
+    """A synthetic assessment (only what the summary and the warnings read)."""
+    quality = {"accuracy": 0.95, "fid": 300.0, "psnr_vs_dense": 14.0, "ssim_vs_dense": 0.5}
+    return {
+        "num_images": 100,
+        "dense_seconds_per_batch": 15.0,
+        "diffcr_seconds_per_batch": 8.0,
+        "speedup": 1.9,
+        "flop_ratio": 2.2,
+        "mean_kept_ratio_sampling": kept,
+        "dense": quality,
+        "diffcr": quality,
+        "real_fid_floor": 160.0,
+        "training": {
+            "planned_steps": planned,
+            "steps_done": done,
+            "max_minutes": max_minutes,
+            "train_seconds": 300.0,
+            "target_kept_ratio": target,
+        },
+    }
+
+
+def test_default_and_quick_recipes_have_no_time_cap():
+    for recipe in (DemoRecipe(), DemoRecipe.quick()):
+        assert recipe.minutes is None and recipe.steps >= 50
+        assert recipe.train_config().max_minutes is None
+        assert recipe.train_config().steps == recipe.steps
+
+
+@pytest.mark.parametrize("minutes", [0, -1, float("nan"), float("inf")])
+def test_recipe_rejects_a_bad_time_cap(minutes):
+    with pytest.raises(ValueError, match="minutes"):
+        DemoRecipe(minutes=minutes)
+
+
+def test_no_warning_when_the_run_did_what_it_planned():
+    assert run_warnings(assessment(kept=0.5 + KEPT_RATIO_TOLERANCE - 0.001)) == []
+    assert "WARNING" not in summary_table(assessment())
+    assert run_warnings(assessment(target=None, kept=1.0)) == []  # a dense run has no target
+    assert run_warnings({"mean_kept_ratio_sampling": 0.9}) == []  # an assessment without training facts
+
+
+def test_warns_when_a_time_cap_stops_training_and_the_target_is_missed():
+    # the case of the issue: 62 of 140 steps under a 5-minute cap, mean kept 0.60 against 0.5
+    lines = run_warnings(assessment(done=62, max_minutes=5, kept=0.60))
+    assert len(lines) == 2 and all(line.startswith("WARNING:") for line in lines)
+    assert "step 62 of 140" in lines[0] and "--minutes 5" in lines[0] and "not those of its recipe" in lines[0]
+    assert "0.600 vs target 0.500" in lines[1] and "less compressed" in lines[1]
+
+
+def test_warns_on_an_interrupted_run_and_an_overshot_target():
+    stopped, missed = run_warnings(assessment(done=10, kept=0.4))
+    assert "step 10 of 140" in stopped and "interrupted" in stopped
+    assert "more compressed" in missed
+
+
+def test_summary_shows_the_warnings_below_the_table_unless_asked_not_to():
+    flagged = assessment(done=62, max_minutes=5, kept=0.6)
+    table, _, warnings = summary_table(flagged).partition("\n\n")
+    assert "measured speedup" in table and "WARNING" not in table
+    assert warnings.splitlines() == run_warnings(flagged)
+    assert "WARNING" not in summary_table(flagged, warnings=False)
+
+
+def test_training_facts_read_the_run(tmp_path):
+    assert training_facts(tmp_path) == {}
+    run = {"train": {"steps": 140, "max_minutes": 5.0}, "diffcr": {"target_kept_ratio": 0.5}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    rows = [{"step": i, "seconds": 2.0 * i} for i in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert training_facts(tmp_path) == {
+        "planned_steps": 140,
+        "steps_done": 3,
+        "max_minutes": 5.0,
+        "train_seconds": 6.0,
+        "target_kept_ratio": 0.5,
+    }
+
+
+def test_estimate_describes_steps_time_and_a_cap():
+    estimate = DemoEstimate(steps=120, seconds_per_step=0.9, sampling_seconds=90.0, other_seconds=10.0)
+    assert estimate.capped_at_step is None and estimate.total_seconds == pytest.approx(208.0)
+    text = estimate.describe()
+    assert "training 120 steps, about 1.8 min on this machine (0.90 s/step)" in text
+    assert "whole demo about 3.5 min" in text and "cap" not in text
+    capped = DemoEstimate(steps=140, seconds_per_step=4.8, sampling_seconds=200, other_seconds=20, max_minutes=5)
+    assert capped.capped_at_step == 63 and capped.train_seconds == pytest.approx(63 * 4.8)
+    assert "near step 63 of 140" in capped.describe()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "pre"
+    args = ["pretrain", "--out", out, "--num-layers", "1", "--steps", "2", "--batch-size", "4", "--warmup-steps", "0"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_demo_cut_short_by_a_time_cap_says_so(pretrained, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--base", pretrained / "model", "--out", out, "--steps", "2", "--num-per-class", "1"]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--minutes", "1e-5"]])
+    assert result.exit_code == 0, result.output
+    assert "training 2 steps, about" in result.output and "whole demo about" in result.output
+    assert "near step 1 of 2" in result.output  # the estimate foresees the cap
+    assert "WARNING: training stopped at step 1 of 2 planned (the --minutes 1e-05 time cap)" in result.output
+    assert "1 of 2 planned training steps" in result.output
+    saved = json.loads((out / "assessment.json").read_text())
+    assert saved["training"]["steps_done"] == 1 and saved["training"]["planned_steps"] == 2
+    assert any("step 1 of 2" in line for line in saved["warnings"])
+    page = (out / "report" / "report.html").read_text()
+    assert 'class="warning">WARNING: training stopped at step 1 of 2' in page and "1 of 2 planned steps" in page
+    assert "WARNING: training stopped" in (out / "report" / "summary.md").read_text()
+
+
+def test_demo_rejects_a_zero_time_cap(pretrained, tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--base", str(pretrained / "model"), "--minutes", "0"])
+    assert result.exit_code == 2 and "minutes=0.0 must be a positive number" in result.output

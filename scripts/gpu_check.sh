@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run for a machine with an NVIDIA GPU (about 10 minutes): the test suite, then the full-size
-# PixArt-Sigma speed table in bf16. Uses the machine's own torch (CUDA build); installs diffcr without
+# One prepared run for a machine with an NVIDIA GPU (about 12 minutes): the test suite, the full-size
+# PixArt-Sigma speed table in bf16, then a text-to-image training step and pipeline sampling. Uses the machine's own torch (CUDA build); installs diffcr without
 # dependencies when they are already present, else with them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +11,6 @@ export PYTHONUNBUFFERED=1
 status=0
 timeout 300 "$PY" -m pytest -q -x tests/test_gpu.py tests/test_api.py tests/test_routing.py tests/test_ratios.py || status=$?
 timeout 280 "$PY" benchmarks/gpu_speed.py || status=$?
+# text-to-image: a training step and pipeline sampling of a full-size PixArt-Sigma, 512 and 1024 px, bf16
+timeout 240 "$PY" benchmarks/gpu_t2i.py --sizes 512,1024 --repeats 3 || status=$?
 exit $status

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a machine with an NVIDIA GPU (about 12 minutes): the test suite, the full-size
-# PixArt-Sigma speed table in bf16, then a text-to-image training step and pipeline sampling. Uses the machine's own torch (CUDA build); installs diffcr without
-# dependencies when they are already present, else with them.
+# PixArt-Sigma speed table in bf16, then a text-to-image training step and pipeline sampling. Uses the
+# machine's own torch (CUDA build); installs diffcr without dependencies when they are already present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -76,7 +76,8 @@ def test_compress_writes_artifact_and_model(compressed):
         "diffcr_weights.safetensors",
     ]
     names = {p.name for p in (compressed / "model").iterdir()}
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "diffcr_weights.safetensors"} <= names
+    assert names == {"config.json", "diffusion_pytorch_model.safetensors", "diffcr"}  # as save_pretrained writes
+    assert (compressed / "model" / "diffcr" / "diffcr_weights.safetensors").is_file()
     description = json.loads((compressed / "artifact" / "diffcr_config.json").read_text())
     assert description["frozen"] and description["config"]["target_kept_ratio"] == 0.5
     rows = [json.loads(line) for line in (compressed / "metrics.jsonl").read_text().splitlines()]

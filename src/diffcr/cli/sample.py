@@ -59,12 +59,19 @@ def sample(
 
     if prompt is not None or prompts is not None:
         options = dict(negative_prompt=negative_prompt, height=height, width=width, num=num, seed=seed, steps=steps)
-        options.update(guidance_scale=4.5 if guidance_scale is None else guidance_scale, batch_size=batch_size or 4)
+        options.update(
+            guidance_scale=4.5 if guidance_scale is None else guidance_scale,
+            batch_size=4 if batch_size is None else batch_size,
+        )
         return sample_text(base, artifact, prompt, prompts, out, npz, threads, **options)
     # 1. every option and every output path is checked before the model is loaded or anything is written
     guidance_scale = 3.0 if guidance_scale is None else guidance_scale
     cfg = SampleConfig(
-        scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size or 50, seed=seed
+        scheduler=scheduler,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=50 if batch_size is None else batch_size,
+        seed=seed,
     )
     check_int("--num", num, 1, MAX_PER_CLASS, "images per class; the grid puts them in one row")
     check_int("--threads", threads, 1, max(64, 4 * (os.cpu_count() or 1)), "CPU threads per process")

@@ -14,7 +14,17 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from diffcr.cli import bench, classifier, compress, demo, prepare, pretrain, report, sample  # noqa: F401
+    from diffcr.cli import (  # noqa: F401
+        bench,
+        classifier,
+        compress,
+        demo,
+        evaluate,
+        prepare,
+        pretrain,
+        report,
+        sample,
+    )
 
 
 def main() -> None:

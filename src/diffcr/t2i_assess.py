@@ -1,0 +1,196 @@
+"""Assess a text-to-image DiffCR artifact against its dense pipeline, in one run and from the same noise:
+latency per image and peak memory (measured side by side), PSNR / SSIM against dense, FID of each against a
+reference image folder (torchmetrics, in the feature space the user picks), and CLIP score (torchmetrics, with a
+local CLIP model). Writes `t2i_assessment.json` and a picture of dense / DiffCR pairs with each prompt under them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FEATURES_HELP = "'inception' (needs torch-fidelity and its weights) or 'clip:PATH' (a local CLIP model folder)"
+
+
+class ClipImageFeatures(nn.Module):
+    """A local CLIP vision model's image embeddings as a torchmetrics feature extractor (FID / KID).
+
+    Takes uint8 images (n, 3, H, W), as torchmetrics passes them, and applies CLIP's own preprocessing.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.model = CLIPVisionModelWithProjection.from_pretrained(str(path)).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(str(path))
+        self.num_features = int(self.model.config.projection_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(images=list(images.to(torch.uint8).cpu()), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return self.model(pixel_values=pixels.to(self.model.dtype)).image_embeds.double()  # (n, D)
+
+
+def feature_extractor(features: str):
+    """The FID feature network named by `features` (see `FEATURES_HELP`)."""
+    if features == "inception":
+        return 2048  # torchmetrics' own Inception; it needs torch-fidelity and downloads weights once
+    if features.startswith("clip:"):
+        path = Path(features[len("clip:") :])
+        if not path.is_dir():
+            raise FileNotFoundError(f"--features {features}: no CLIP model folder at {path}")
+        return ClipImageFeatures(path)
+    raise ValueError(f"--features {features!r}: use {FEATURES_HELP}")
+
+
+def fid(reference: torch.Tensor, images: np.ndarray, features) -> float:
+    """FID between uint8 reference images (n, 3, H, W) and generated uint8 images (m, H, W, 3)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        metric = FrechetInceptionDistance(feature=features, reset_real_features=True)
+    except (ImportError, ModuleNotFoundError, RuntimeError, OSError) as err:
+        raise ValueError(
+            f"Inception FID is not available here ({err}); pass --features clip:PATH with a local CLIP model"
+        ) from err
+    metric.update(reference, real=True)
+    metric.update(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), real=False)
+    return float(metric.compute())
+
+
+def clip_score(images: np.ndarray, prompts: list[str], model_path: str | Path) -> float:
+    """torchmetrics' CLIP score of images against their prompts, with a local CLIP model."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"--clip {model_path}: no local CLIP model folder there")
+    metric = CLIPScore(model_name_or_path=str(model_path))
+    metric.update(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), prompts)
+    return float(metric.compute())
+
+
+def load_reference(folder: str | Path, size: int) -> torch.Tensor:
+    """The images of a folder, center-cropped and resized to `size`: uint8 (n, 3, size, size)."""
+    from diffcr.data.captions import IMAGE_SUFFIXES
+    from diffcr.data.latent_cache import load_image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--reference {folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise ValueError(
+            f"--reference {folder} holds {len(files)} images; FID needs at least 2 (thousands to be stable)"
+        )
+    images = torch.stack([load_image(p, size) for p in files])  # (n, 3, size, size) in [-1, 1]
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def assess_text_to_image(
+    base: str | Path,
+    artifact: str | Path,
+    prompts: list[str],
+    cfg,
+    out_dir: str | Path,
+    reference: str | Path | None = None,
+    features: str = "inception",
+    clip_model: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample `prompts` with the dense pipeline and with DiffCR from the same seeds, batches alternating, and
+    measure both. `cfg` is a `diffcr.text_to_image.PromptSampleConfig`. Returns (and writes) the figures."""
+    from diffcr.benchmark import peak_memory
+    from diffcr.evaluation import psnr_ssim
+    from diffcr.text_to_image import image_seeds, load_pipeline, sample_prompts
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fid_features = feature_extractor(features) if reference is not None else None
+    dense = load_pipeline(base, "none")
+    routed = load_pipeline(base, artifact)
+    device = dense.transformer.device
+    total = len(image_seeds(len(prompts), cfg))
+    chunks = [list(range(i, min(i + cfg.batch_size, total))) for i in range(0, total, cfg.batch_size)]
+    images = {"dense": [], "diffcr": []}
+    seconds = {"dense": [], "diffcr": []}
+    pipes = {"dense": dense, "diffcr": routed}
+    for number, chunk in enumerate(chunks):
+        order = ("dense", "diffcr") if number % 2 == 0 else ("diffcr", "dense")
+        for name in order:
+            start = time.perf_counter()
+            images[name].append(sample_prompts(pipes[name], prompts, cfg, indices=chunk))
+            seconds[name].append((time.perf_counter() - start) / len(chunk))
+        if progress:
+            logger.info("assessed %d of %d images", chunk[-1] + 1, total)
+    images = {name: np.concatenate(parts) for name, parts in images.items()}
+    # the first batch of each warms caches and kernels up: latency is the median of the others when there are any
+    timed = {name: values[1:] or values for name, values in seconds.items()}
+    latency = {name: float(np.median(values)) for name, values in timed.items()}
+    memory = {name: peak_memory(lambda p=pipes[name]: sample_prompts(p, prompts[:1], cfg, indices=[0]), device)[1]
+              for name in pipes}  # fmt: skip
+    as_float = {name: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1 for name, a in images.items()}
+    psnr, ssim = psnr_ssim(as_float["diffcr"], as_float["dense"])
+    result = {
+        "base": str(base),
+        "artifact": str(artifact),
+        "num_images": total,
+        "steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale,
+        "latency_per_image_s": latency,
+        "speedup": latency["dense"] / latency["diffcr"],
+        "peak_memory_bytes": memory,
+        "memory_vs_dense": memory["diffcr"] / max(1, memory["dense"]),
+        "psnr_vs_dense_db": psnr,
+        "ssim_vs_dense": ssim,
+        "mean_kept_ratio": float(np.mean(_kept_table(routed.transformer))),
+    }
+    if reference is not None:
+        real = load_reference(reference, images["dense"].shape[1])
+        result["fid"] = {name: fid(real, batch, fid_features) for name, batch in images.items()}
+        result["fid_features"] = features
+        result["num_reference"] = int(real.shape[0])
+    if clip_model is not None:
+        per_image = [prompts[p] for p, _ in image_seeds(len(prompts), cfg)]
+        result["clip_score"] = {name: clip_score(batch, per_image, clip_model) for name, batch in images.items()}
+    np.savez(out_dir / "samples.npz", dense=images["dense"], diffcr=images["diffcr"], prompts=np.asarray(prompts))
+    pairs_figure(out_dir / "pairs.png", images, prompts, cfg)
+    (out_dir / "t2i_assessment.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _kept_table(transformer) -> list[list[float]]:
+    import diffcr
+
+    return diffcr.schedule(transformer).kept_ratio if diffcr.is_applied(transformer) else [[1.0]]
+
+
+def pairs_figure(path: Path, images: dict, prompts: list[str], cfg, max_pairs: int = 8) -> Path:
+    """Dense / DiffCR pairs from the same noise, the prompt under each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffcr.text_to_image import image_seeds
+
+    plan = image_seeds(len(prompts), cfg)[:max_pairs]
+    fig, axes = plt.subplots(1, len(plan), figsize=(2.6 * len(plan), 1.9), squeeze=False)
+    for ax, i in zip(axes[0], range(len(plan))):
+        ax.imshow(np.concatenate([images["dense"][i], images["diffcr"][i]], axis=1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(prompts[plan[i][0]][:40], fontsize=7)
+        ax.set_title("dense | DiffCR", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

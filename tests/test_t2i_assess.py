@@ -1,0 +1,68 @@
+"""`diffcr evaluate`: dense vs DiffCR text-to-image in one run, FID in a local CLIP model's feature space."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import diffcr
+from diffcr.cli import app
+from diffcr.text_to_image import load_pipeline
+from t2i_helpers import build_tiny_pixart_pipeline, write_caption_folder
+
+runner = CliRunner()
+
+
+def tiny_clip_vision(folder):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=8)  # fmt: skip
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assess")
+    pipe_dir = build_tiny_pixart_pipeline(root / "pipe")
+    pipe = load_pipeline(pipe_dir)
+    transformer = diffcr.apply(pipe.transformer, diffcr.DiffCRConfig(timestep_regions=1))
+    with torch.no_grad():
+        transformer.diffcr.kept_ratio.fill_(0.5)
+    artifact = diffcr.save(diffcr.freeze(transformer), root / "artifact")
+    return root, pipe_dir, artifact
+
+
+def test_evaluate_measures_dense_and_diffcr_side_by_side(setup):
+    root, pipe_dir, artifact = setup
+    reference = write_caption_folder(root / "reference", count=4)
+    clip = tiny_clip_vision(root / "clip")
+    out = root / "eval"
+    result = runner.invoke(app, [str(a) for a in (
+        "evaluate", "--base", pipe_dir, "--artifact", artifact, "--prompt", "a cat on the left", "--num", 3,
+        "--steps", 2, "--batch-size", 1, "--out", out, "--reference", reference, "--features", f"clip:{clip}",
+    )])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads((out / "t2i_assessment.json").read_text())
+    assert figures["num_images"] == 3 and figures["mean_kept_ratio"] == 0.5
+    assert set(figures["latency_per_image_s"]) == {"dense", "diffcr"} and figures["speedup"] > 0
+    assert figures["peak_memory_bytes"]["dense"] > 0 and figures["peak_memory_bytes"]["diffcr"] > 0
+    assert figures["fid"]["dense"] >= 0 and figures["fid_features"].startswith("clip:")
+    assert figures["psnr_vs_dense_db"] < 100  # routed at 0.5: not the dense images
+    assert (out / "pairs.png").is_file() and (out / "samples.npz").is_file()
+
+
+def test_evaluate_refuses_bad_feature_options(setup, tmp_path):
+    root, pipe_dir, artifact = setup
+    args = ["evaluate", "--base", pipe_dir, "--artifact", artifact, "--prompt", "a cat", "--out", tmp_path / "o",
+            "--reference", root]  # fmt: skip
+    result = runner.invoke(app, [str(a) for a in [*args, "--features", "vgg"]])
+    assert result.exit_code == 2 and "use 'inception'" in result.output
+    result = runner.invoke(app, [str(a) for a in [*args, "--features", f"clip:{tmp_path / 'none'}"]])
+    assert result.exit_code == 2 and "no CLIP model folder" in result.output

@@ -112,3 +112,13 @@ def test_cache_of_another_pipeline_is_refused(prepared, tmp_path):
     assert result.exit_code == 2 and "was made by another pipeline" in result.output
     result = invoke("compress", "--base", root / "pipe", "--data", root / "data", "--out", tmp_path / "p")
     assert result.exit_code == 2 and "error:" in result.output
+
+
+def test_report_renders_a_text_to_image_run(compressed):
+    result = invoke("report", compressed, "--steps", 2)
+    assert result.exit_code == 0, result.output
+    page = (compressed / "report" / "report.html").read_text()
+    for part in ("text-to-image report", "measured speedup", "Router maps", "Learned schedule", "data:image/png"):
+        assert part in page
+    assert (compressed / "evaluation" / "t2i_assessment.json").is_file()
+    assert (compressed / "report" / "router_maps.png").is_file()

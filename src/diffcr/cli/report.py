@@ -19,6 +19,11 @@ def report(
     classifier: Path = typer.Option(
         None, help="the classifier that judges samples (default: the shipped digit classifier; see train-classifier)"
     ),
+    prompts: Path = typer.Option(None, help="text-to-image runs: prompts file (default: 4 captions of the cache)"),
+    steps: int = typer.Option(20, help="text-to-image runs: sampler steps"),
+    reference: Path = typer.Option(None, help="text-to-image runs: real images for FID"),
+    features: str = typer.Option("inception", help="text-to-image runs: FID features, 'inception' or 'clip:PATH'"),
+    clip: Path = typer.Option(None, help="text-to-image runs: a local CLIP model for the CLIP score"),
 ) -> None:
     """Write RUN_DIR/report/report.html (self-contained) and its PNGs; assesses the run first if needed."""
     import json
@@ -54,6 +59,12 @@ def report(
         )
     check_writable_dir(out or run_dir / "report", "--out")
     torch.set_num_threads(2)
+    from diffcr.t2i_report import is_text_to_image_run
+
+    if is_text_to_image_run(run):
+        path = report_text_to_image(run_dir, run, out, prompts, steps, reference, features, clip)
+        typer.echo(f"report: {path}")
+        return
     if not (run_dir / "assessment.json").is_file():
         judge = load_classifier(classifier)
         check_classifier_fits(judge, run.get("model_config") or {}, classifier)
@@ -84,3 +95,18 @@ def check_classifier_fits(judge, model_config: dict, classifier: Path | None) ->
             f"{made[0]}x{made[1]}x{made[2]} images: train one on the run's data with "
             "`diffcr train-classifier --data DIR --out CLS` and pass --classifier CLS"
         )
+
+
+def report_text_to_image(run_dir: Path, run: dict, out, prompts, steps: int, reference, features: str, clip) -> Path:
+    """Evaluate a text-to-image run (unless done: RUN_DIR/evaluation) and write its report."""
+    from diffcr.data.latent_cache import LatentCaptionDataset
+    from diffcr.t2i_assess import assess_text_to_image
+    from diffcr.t2i_report import build_t2i_report, run_artifact
+    from diffcr.text_to_image import PromptSampleConfig, read_prompts
+
+    evaluation = run_dir / "evaluation"
+    if not (evaluation / "t2i_assessment.json").is_file():
+        texts = read_prompts(None, prompts) if prompts else LatentCaptionDataset(run["data"]).captions(4)
+        cfg = PromptSampleConfig(steps=steps, num_per_prompt=2, batch_size=2)
+        assess_text_to_image(run["base"], run_artifact(run_dir), texts, cfg, evaluation, reference, features, clip)
+    return build_t2i_report(run_dir, evaluation, out)

@@ -184,7 +184,8 @@ def prepare_cache(
             skipped += bad
             for name, why in bad:
                 logger.warning("skipped %s: %s", name, why)
-            metadata = {"names": json.dumps(names), "skipped": json.dumps(bad)}
+            captions = [r.caption for r in chunk if r.name in set(names)]
+            metadata = {"names": json.dumps(names), "captions": json.dumps(captions), "skipped": json.dumps(bad)}
             save_file_atomic(tensors, path, metadata=metadata)
             shards.append({"file": path.name, "count": len(names)})
         bar.close()
@@ -326,6 +327,15 @@ class LatentCaptionDataset:
         embeds = handle.get_slice("prompt_embeds")[row : row + 1][0].float()
         mask = handle.get_slice("prompt_attention_mask")[row : row + 1][0].long()
         return latents, embeds, mask
+
+    def captions(self, count: int) -> list[str]:
+        """The first `count` captions of the cache (for prompts in reports)."""
+        found: list[str] = []
+        for handle in self._handles:
+            found += json.loads((handle.metadata() or {}).get("captions", "[]"))
+            if len(found) >= count:
+                break
+        return found[:count]
 
     def batch(self, indices: torch.Tensor):
         """Stacked items for `indices`: latents (b, C, h, w), prompt_embeds (b, L, D), mask (b, L)."""

@@ -1,0 +1,163 @@
+"""The report of a text-to-image compression run: the assessment's figures, dense / DiffCR pairs with their
+prompts, the learned schedule, router maps drawn over generated images, and the training curves, in one
+self-contained HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def is_text_to_image_run(run: dict) -> bool:
+    """Whether a run's `run.json` describes a compression of a PixArt pipeline on a prepared cache."""
+    from diffcr.data.latent_cache import MANIFEST
+
+    data = run.get("data")
+    return bool(data) and (Path(str(data)) / MANIFEST).is_file()
+
+
+def run_artifact(run_dir: Path) -> Path:
+    """The fine-tuned transformer folder (lora / full) or the artifact of routers and ratios (routers)."""
+    model_dir = run_dir / "model"
+    return model_dir if (model_dir / "config.json").is_file() else run_dir / "artifact"
+
+
+def pipeline_router_maps(pipe, prompt: str, cfg, path: Path, layers: list[int] | None = None) -> Path:
+    """Which image tokens a few layers computed (bright) or bypassed (dimmed) at an early, a middle and a late
+    sampling step, drawn over the image the pipeline made for `prompt`."""
+    import diffcr
+    from diffcr.ratios import num_kept_tokens, timestep_region
+    from diffcr.report import _matplotlib
+    from diffcr.routing import select_tokens
+    from diffcr.text_to_image import sample_prompts
+
+    plt = _matplotlib()
+    transformer = pipe.transformer
+    controller = transformer.diffcr
+    sched = diffcr.schedule(transformer).kept_ratio
+    if layers is None:
+        routed_layers = [i for i, row in enumerate(sched) if min(row) < 1.0]
+        layers = (routed_layers or list(range(len(sched))))[:4]
+    steps = sorted({0, cfg.steps // 2, cfg.steps - 1})
+    calls = {"step": -1, "timestep": None}
+    captured: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
+
+    def count_call(module, args, kwargs):
+        calls["step"] += 1
+        calls["timestep"] = float(torch.as_tensor(kwargs["timestep"]).flatten()[-1])
+
+    def grab(module, args, kwargs, layer):
+        if calls["step"] in steps:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[(calls["step"], layer)] = (hidden[-1:].detach(), calls["timestep"])  # the conditional half
+
+    hooks = [transformer.register_forward_pre_hook(count_call, with_kwargs=True)]
+    for layer in layers:
+        block = transformer.transformer_blocks[layer]
+        hooks.append(
+            block.register_forward_pre_hook(lambda m, a, k, layer=layer: grab(m, a, k, layer), with_kwargs=True)
+        )
+    try:
+        image = sample_prompts(pipe, [prompt], cfg, indices=[0])[0]  # (H, W, 3) uint8
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fig, axes = plt.subplots(len(layers), len(steps), figsize=(2.2 * len(steps), 2.2 * len(layers)), squeeze=False)
+    for li, layer in enumerate(layers):
+        for si, step in enumerate(steps):
+            hidden, timestep = captured[(step, layer)]
+            region = int(timestep_region(torch.tensor([timestep]), len(sched[0]), controller.num_train_timesteps)[0])
+            kept = sched[layer][region]
+            num_kept = num_kept_tokens(kept, hidden.shape[1])
+            side = int(round(hidden.shape[1] ** 0.5))
+            mask = torch.ones(hidden.shape[1]) if num_kept >= hidden.shape[1] else torch.zeros(hidden.shape[1])
+            if 0 < num_kept < hidden.shape[1]:
+                mask[select_tokens(controller.router_logits(layer, hidden), num_kept)[0]] = 1.0
+            cell = image.shape[0] // side
+            overlay = np.kron(mask.reshape(side, side).numpy(), np.ones((cell, cell)))[..., None]
+            ax = axes[li, si]
+            ax.imshow((image * (0.25 + 0.75 * overlay)).astype(np.uint8))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"layer {layer}, step {step}\n(t={timestep:.0f}, kept {kept:.1f})", fontsize=7)
+    fig.suptitle(prompt[:60], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write `report.html` and its PNGs for an evaluated text-to-image run. Returns the HTML path."""
+    import diffcr
+    from diffcr.report import _embed, plot_schedule, plot_training_curves
+    from diffcr.text_to_image import PromptSampleConfig, load_pipeline
+    from diffcr.train import read_metrics
+
+    run_dir, evaluation_dir = Path(run_dir), Path(evaluation_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = json.loads((run_dir / "run.json").read_text())
+    figures = json.loads((evaluation_dir / "t2i_assessment.json").read_text())
+    prompts = np.load(evaluation_dir / "samples.npz")["prompts"].tolist()
+    pipe = load_pipeline(run["base"], run_artifact(run_dir))
+    sched = diffcr.schedule(pipe.transformer)
+    cfg = PromptSampleConfig(steps=figures["steps"], guidance_scale=figures["guidance_scale"], batch_size=1)
+    pictures = {
+        "schedule": plot_schedule(sched.kept_ratio, sched.region_bounds, out_dir / "schedule.png"),
+        "curves": plot_training_curves(
+            read_metrics(run_dir), run["diffcr"]["target_kept_ratio"], out_dir / "curves.png"
+        ),
+        "router_maps": pipeline_router_maps(pipe, prompts[0], cfg, out_dir / "router_maps.png"),
+        "pairs": evaluation_dir / "pairs.png",
+    }
+    rows = [
+        ("latency per image (s)", figures["latency_per_image_s"]["dense"], figures["latency_per_image_s"]["diffcr"]),
+        ("measured speedup", 1.0, figures["speedup"]),
+        ("peak memory while sampling (MB)", *(figures["peak_memory_bytes"][k] / 2**20 for k in ("dense", "diffcr"))),
+        ("mean kept ratio", 1.0, figures["mean_kept_ratio"]),
+        ("PSNR / SSIM vs dense", "-", f"{figures['psnr_vs_dense_db']:.1f} dB / {figures['ssim_vs_dense']:.3f}"),
+    ]
+    for key, label in (("fid", f"FID ({figures.get('fid_features')}, {figures.get('num_reference')} reference)"),
+                       ("clip_score", "CLIP score")):  # fmt: skip
+        if key in figures:
+            rows.append((label, figures[key]["dense"], figures[key]["diffcr"]))
+
+    def cell(value) -> str:
+        return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    table = "".join(f"<tr><td>{html.escape(name)}</td><td>{cell(a)}</td><td>{cell(b)}</td></tr>" for name, a, b in rows)
+    train = run["train"]
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>diffcr report: {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f3f3f3}}img{{max-width:100%}}pre{{background:#f7f7f7;padding:8px}}</style></head><body>
+<h1>DiffCR text-to-image report: {html.escape(str(run_dir))}</h1>
+<p>Pipeline {html.escape(str(run["base"]))}, data {html.escape(str(run["data"]))}.
+Mode <b>{html.escape(train["mode"])}</b>, {len(read_metrics(run_dir))} steps, batch {train["batch_size"]},
+target kept ratio {run["diffcr"]["target_kept_ratio"]}, {run["diffcr"]["timestep_regions"]} timestep regions.
+{figures["num_images"]} images per model, {figures["steps"]} sampler steps, guidance {figures["guidance_scale"]},
+dense and DiffCR batches alternating from the same seeds.</p>
+<table><tr><th></th><th>dense</th><th>DiffCR</th></tr>{table}</table>
+<h2>Dense | DiffCR, same noise (prompt under each pair)</h2>
+{_embed(pictures["pairs"])}
+<h2>Learned schedule</h2>
+{_embed(pictures["schedule"])}
+<pre>{html.escape(str(sched))}</pre>
+<h2>Router maps</h2>
+<p>Image tokens each layer computed (bright) and bypassed (dimmed) at an early, a middle and a late sampling step.</p>
+{_embed(pictures["router_maps"])}
+<h2>Training curves</h2>
+{_embed(pictures["curves"])}
+</body></html>
+"""
+    path = out_dir / "report.html"
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path

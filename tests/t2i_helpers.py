@@ -17,7 +17,9 @@ def tiny_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
-def build_tiny_pixart_pipeline(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
+def build_tiny_pixart_pipeline(
+    folder: str | Path, seed: int = 0, image_size: int = 16, micro_conditions: bool = False
+) -> Path:
     """Save a random-weight PixArtSigmaPipeline (4-channel latents at image_size / 2, 2 blocks) to `folder`."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -38,16 +40,16 @@ def build_tiny_pixart_pipeline(folder: str | Path, seed: int = 0, image_size: in
     )
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2,
-        attention_head_dim=8,
+        attention_head_dim=12 if micro_conditions else 8,  # micro-conditions split the width in 3
         in_channels=4,
         out_channels=8,
         num_layers=2,
-        cross_attention_dim=16,
+        cross_attention_dim=24 if micro_conditions else 16,
         sample_size=image_size // 2,
         patch_size=2,
         caption_channels=16,
         norm_num_groups=2,
-        use_additional_conditions=False,
+        use_additional_conditions=micro_conditions,
     )
     with torch.no_grad():  # random modulation, so that blocks are not the identity
         for block in transformer.transformer_blocks:

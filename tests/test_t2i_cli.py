@@ -122,3 +122,30 @@ def test_report_renders_a_text_to_image_run(compressed):
         assert part in page
     assert (compressed / "evaluation" / "t2i_assessment.json").is_file()
     assert (compressed / "report" / "router_maps.png").is_file()
+
+
+def test_distill_and_micro_conditions(prepared, tmp_path):
+    root, pipe, cache = prepared
+    result = invoke(*compress_args(pipe, cache, tmp_path / "distill", 2, "--mode", "routers", "--distill"))
+    assert result.exit_code == 0, result.output
+    # PixArt-Alpha-style micro-conditions (resolution, aspect ratio) reach the transformer during training
+    alpha = build_tiny_pixart_pipeline(tmp_path / "alpha", micro_conditions=True)
+    seen = []
+    from diffusers import PixArtTransformer2DModel
+
+    real_forward = PixArtTransformer2DModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("added_cond_kwargs"))
+        return real_forward(self, *args, **kwargs)
+
+    PixArtTransformer2DModel.forward = spy
+    try:
+        result = invoke(*compress_args(alpha, cache, tmp_path / "alpha_run", 1, "--mode", "routers"))
+    finally:
+        PixArtTransformer2DModel.forward = real_forward
+    assert result.exit_code == 0, result.output
+    conditions = seen[0]
+    assert (
+        conditions["resolution"].tolist() == [[16.0, 16.0]] * 4 and conditions["aspect_ratio"].tolist() == [[1.0]] * 4
+    )

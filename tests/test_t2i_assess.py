@@ -66,3 +66,50 @@ def test_evaluate_refuses_bad_feature_options(setup, tmp_path):
     assert result.exit_code == 2 and "use 'inception'" in result.output
     result = runner.invoke(app, [str(a) for a in [*args, "--features", f"clip:{tmp_path / 'none'}"]])
     assert result.exit_code == 2 and "no CLIP model folder" in result.output
+
+
+def tiny_clip(folder):
+    """A random CLIP (text and vision) with a character-level tokenizer, saved offline."""
+    import json
+    import string
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits:
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(2)  # a seed whose scores on the test's pairs are partly positive, partly clamped at 0
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_is_torchmetrics_formula_on_a_local_model(tmp_path):
+    import numpy as np
+    from transformers import CLIPModel, CLIPProcessor
+
+    from diffcr.t2i_assess import clip_score
+
+    folder = tiny_clip(tmp_path / "clip")
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    prompts = ["a cat", "two dogs", "a red one", "nine", "left", "right"]
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor(images=list(torch.from_numpy(images).permute(0, 3, 1, 2)), return_tensors="pt")
+        tokens = processor(text=prompts, return_tensors="pt", padding=True)
+        image_embeds = model.get_image_features(pixels["pixel_values"]).pooler_output
+        text_embeds = model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds)
+    expected = float((100 * cosine).clamp(min=0).mean())
+    assert expected > 0 and (cosine < 0).any()  # both sides of torchmetrics' clamp at 0 are exercised
+    assert clip_score(images, prompts, folder) == pytest.approx(expected, abs=1e-3)

@@ -73,9 +73,36 @@ def clip_score(images: np.ndarray, prompts: list[str], model_path: str | Path) -
 
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"--clip {model_path}: no local CLIP model folder there")
-    metric = CLIPScore(model_name_or_path=str(model_path))
+
+    def local_clip():  # torchmetrics takes a loader for models that are not its named hub ones
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = _EmbeddingsAsTensors(CLIPModel.from_pretrained(str(model_path)).eval())
+        return model, CLIPProcessor.from_pretrained(str(model_path))
+
+    metric = CLIPScore(model_name_or_path=local_clip)
     metric.update(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), prompts)
     return float(metric.compute())
+
+
+class _EmbeddingsAsTensors(nn.Module):
+    """A CLIP model whose `get_image_features` / `get_text_features` return the projected embeddings as tensors:
+    transformers 5 returns output objects (embeddings in `pooler_output`), torchmetrics 1.9 expects tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _as_tensor(output) -> torch.Tensor:
+    return output if torch.is_tensor(output) else output.pooler_output
 
 
 def load_reference(folder: str | Path, size: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def tiny_clip(folder):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(2)  # a seed whose scores on the test's pairs are partly positive, partly clamped at 0
+    torch.manual_seed(2)  # a seed whose cosines on the test's pairs are of both signs, with a positive mean
     text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
@@ -110,6 +110,6 @@ def test_clip_score_is_torchmetrics_formula_on_a_local_model(tmp_path):
         image_embeds = model.get_image_features(pixels["pixel_values"]).pooler_output
         text_embeds = model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).pooler_output
     cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds)
-    expected = float((100 * cosine).clamp(min=0).mean())
-    assert expected > 0 and (cosine < 0).any()  # both sides of torchmetrics' clamp at 0 are exercised
+    expected = float((100 * cosine).mean().clamp(min=0))  # torchmetrics clamps the mean at 0, not each pair
+    assert expected > 0 and (cosine < 0).any()
     assert clip_score(images, prompts, folder) == pytest.approx(expected, abs=1e-3)

@@ -104,3 +104,14 @@ def test_prompts_file(tmp_path):
         read_prompts("a", path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts(None, tmp_path / "none.txt")
+
+
+def test_the_example_runs(pipeline_dir, artifact_dir, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    example = Path(__file__).parents[1] / "examples" / "pixart_text_to_image.py"
+    namespace = runpy.run_path(str(example))
+    namespace["main"](str(pipeline_dir), str(artifact_dir), "a cat on the left", steps=2)
+    assert (tmp_path / "dense.png").is_file() and (tmp_path / "diffcr.png").is_file()

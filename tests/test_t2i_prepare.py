@@ -101,3 +101,20 @@ def test_prepare_refuses_what_is_not_a_pixart_pipeline(tmp_path, pipeline_dir):
         prepare_cache(other, folder, tmp_path / "cache", progress=False)
     with pytest.raises(ValueError, match="must be a positive multiple of 4"):
         prepare_cache(pipeline_dir, folder, tmp_path / "cache", resolution=18, progress=False)
+
+
+def test_datasets_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    images = [Image.new("RGB", (20, 24), (i * 40, 0, 0)) for i in range(3)]
+    table = datasets.Dataset.from_dict({"image": images, "caption": ["a cat", "", "two dogs"]})
+    table = table.cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "ds"))
+    source = read_caption_source(tmp_path / "ds")
+    assert [r.caption for r in source.records] == ["a cat", "two dogs"]
+    assert source.skipped == [("ds[1]", "empty caption")]
+    assert source.records[1].image.size == (20, 24)
+    table.select([0]).remove_columns("caption").save_to_disk(str(tmp_path / "nocap"))
+    with pytest.raises(ValueError, match="needs 'image' and 'caption' columns"):
+        read_caption_source(tmp_path / "nocap")

@@ -111,7 +111,9 @@ def test_cache_of_another_pipeline_is_refused(prepared, tmp_path):
     result = invoke(*compress_args(other, cache, tmp_path / "o", 1))
     assert result.exit_code == 2 and "was made by another pipeline" in result.output
     result = invoke("compress", "--base", root / "pipe", "--data", root / "data", "--out", tmp_path / "p")
-    assert result.exit_code == 2 and "error:" in result.output
+    assert result.exit_code == 2 and "must be a cache made by `diffcr prepare" in result.output
+    result = invoke("sample", "--base", root / "pipe", "--artifact", "none", "--out", tmp_path / "s.png")
+    assert result.exit_code == 2 and "pass --prompt TEXT or --prompts FILE" in result.output
 
 
 def test_report_renders_a_text_to_image_run(compressed):

@@ -70,6 +70,13 @@ def compress(
             target_kept_ratio=target, timestep_regions=regions, gate=gate, ratio_loss_weight=ratio_loss_weight
         )
     text = is_prepared_cache(data)
+    from diffcr.data.latent_cache import is_text_to_image_pipeline
+
+    if not text and is_text_to_image_pipeline(base):
+        raise ValueError(
+            f"--base {base} is a text-to-image pipeline, so --data must be a cache made by `diffcr prepare --base "
+            f"{base} --data IMAGES --out CACHE` ({data} is not one)"
+        )
     if not text:  # train() uses the recipe's DDPM scheduler; check the config against it before loading anything
         check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
     cfg = TrainConfig(

@@ -64,6 +64,10 @@ def sample(
             batch_size=4 if batch_size is None else batch_size,
         )
         return sample_text(base, artifact, prompt, prompts, out, npz, threads, **options)
+    from diffcr.data.latent_cache import is_text_to_image_pipeline
+
+    if is_text_to_image_pipeline(base):
+        raise ValueError(f"--base {base} is a text-to-image pipeline: pass --prompt TEXT or --prompts FILE")
     # 1. every option and every output path is checked before the model is loaded or anything is written
     guidance_scale = 3.0 if guidance_scale is None else guidance_scale
     cfg = SampleConfig(

@@ -41,6 +41,17 @@ def pipeline_class_name(base: str | Path) -> str:
     return str(index.get("_class_name"))
 
 
+def is_text_to_image_pipeline(base: str | Path) -> bool:
+    """Whether `base` is a local PixArt pipeline folder (its `model_index.json` names one)."""
+    index = Path(str(base)) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") in TEXT_TO_IMAGE_PIPELINES
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def load_text_to_image_pipeline(base: str | Path, **kwargs):
     """A PixArt-Sigma or PixArt-Alpha pipeline through diffusers' `from_pretrained` (safetensors only).
 

@@ -108,7 +108,56 @@ class PixArtCase:
         }
 
 
-CASES = [DiTCase, PixArtCase]
+def tiny_sd3(num_layers: int = 3, seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        caption_projection_dim=16,
+        pooled_projection_dim=6,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),  # SD3.5's second, image-only attention in the first block
+    )
+    with torch.no_grad():  # adaLN-Zero starts as the identity: random modulation, so that blocks do something
+        for block in model.transformer_blocks:
+            for module in (block.norm1.linear, block.norm1_context.linear):
+                module.weight.normal_(0, 0.3)
+                module.bias.normal_(0, 0.3)
+    return model.eval()
+
+
+class SD3Case:
+    name = "sd3"
+    num_tokens = 16
+
+    @staticmethod
+    def model(num_layers: int = 3, seed: int = 0):
+        return tiny_sd3(num_layers, seed)
+
+    @staticmethod
+    def inputs(timesteps, seed: int = 1, cfg: bool = False) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        timesteps = torch.as_tensor(timesteps)
+        batch = timesteps.shape[0]
+        x = torch.randn(batch, 4, 8, 8, generator=gen)
+        text = torch.randn(batch, 5, 12, generator=gen)
+        pooled = torch.randn(batch, 6, generator=gen)
+        if cfg:  # second half: the same latents, an "empty prompt"
+            x[batch // 2 :] = x[: batch // 2]
+            text[batch // 2 :] = 0
+            pooled[batch // 2 :] = 0
+        return {"hidden_states": x, "timestep": timesteps, "encoder_hidden_states": text, "pooled_projections": pooled}
+
+
+CASES = [DiTCase, PixArtCase, SD3Case]
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
@@ -118,3 +167,8 @@ def case(request):
 
 def run(model, inputs: dict) -> torch.Tensor:
     return model(**inputs).sample
+
+
+def image_of(block_output):
+    """The image stream of a block's output: joint (MMDiT) blocks return (text stream, image stream)."""
+    return block_output[1] if isinstance(block_output, tuple) else block_output

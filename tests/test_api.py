@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffcr
-from conftest import run
+from conftest import image_of, run
 from diffcr import DiffCRConfig
 
 T_MIXED = [10, 300, 600, 900]  # one sample in each of 4 regions of [0, 1000)
@@ -18,10 +18,11 @@ def set_kept(model, table) -> None:
 
 
 def count_block_tokens(model):
-    """Record the token count every block's self-attention sees, per block call."""
+    """Record the image-token count every block's MLP sees, per block call (the text stream of a joint block
+    has its own MLP, `ff_context`)."""
     seen: list[tuple[int, int, int]] = []
     for layer, block in enumerate(model.transformer_blocks):
-        block.attn1.register_forward_pre_hook(
+        block.ff.register_forward_pre_hook(
             lambda mod, args, kwargs, layer=layer: seen.append((layer, args[0].shape[0], args[0].shape[1])),
             with_kwargs=True,
         )
@@ -150,7 +151,7 @@ def test_bypassed_tokens_untouched_and_kept_idx_sorted(case):
         captured["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
 
     def capture_out(mod, args, kwargs, output):
-        captured["output"] = output.clone()
+        captured["output"] = image_of(output).clone()
 
     block.register_forward_pre_hook(capture_in, with_kwargs=True)
     block.register_forward_hook(capture_out, with_kwargs=True)
@@ -235,7 +236,7 @@ def test_interpolation_blends_the_two_nearest_bins(case):
     model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1, ratio_bins=(1.0, 0.9, 0.8, 0.7)))
     inputs = case.inputs([100, 700])
     block_out = {}
-    model.transformer_blocks[1].register_forward_hook(lambda m, a, out: block_out.__setitem__("y", out))
+    model.transformer_blocks[1].register_forward_hook(lambda m, a, out: block_out.__setitem__("y", image_of(out)))
     single = {}
     for kept in (0.9, 0.8):  # block 1 alone at each bin, one pass (eval)
         set_kept(model, [[1.0], [kept], [1.0]])
@@ -310,10 +311,12 @@ def test_sigmoid_mlp_scales_only_the_mlp_update(case):
     block_out = {}
 
     def replace_block0(mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         kept = diffcr.routing.gather_tokens(hidden, kept_idx)
-        new = type(mod).forward(mod, kept, *args[1:], **kwargs)
-        block_out["y"] = diffcr.routing.scatter_tokens(hidden, kept_idx, new)
+        new = type(mod).forward(mod, kept, *args[1:], **rest)
+        image = diffcr.routing.scatter_tokens(hidden, kept_idx, image_of(new))
+        block_out["y"] = (new[0], image) if isinstance(new, tuple) else image
 
     hook = block.register_forward_pre_hook(replace_block0, with_kwargs=True)
     with torch.no_grad():

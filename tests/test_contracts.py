@@ -199,7 +199,7 @@ def test_bf16_cast_keeps_ratios_and_routers_fp32(case):
     model = routed(case, frozen=False).to(torch.bfloat16)
     assert model.diffcr.kept_ratio.dtype == torch.float32
     assert all(r.weight.dtype == torch.float32 for r in model.diffcr.routers)
-    assert model.transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.transformer_blocks[0].ff.net[0].proj.weight.dtype == torch.bfloat16
     before = model.diffcr.kept_ratio.detach().clone()
     with torch.no_grad():
         model.diffcr.kept_ratio.add_(1e-4)  # lost in bf16 (spacing 2^-8 near 1)

@@ -8,10 +8,12 @@ from __future__ import annotations
 from diffcr.adapters.base import Adapter
 from diffcr.adapters.dit import DIT_ADAPTER
 from diffcr.adapters.pixart import PIXART_ADAPTER
+from diffcr.adapters.sd3 import SD3_ADAPTER
 
 ADAPTERS: dict[str, Adapter] = {
     "PixArtTransformer2DModel": PIXART_ADAPTER,
     "DiTTransformer2DModel": DIT_ADAPTER,
+    "SD3Transformer2DModel": SD3_ADAPTER,
 }
 
 

@@ -11,7 +11,9 @@ import torch
 from diffcr.ratios import num_kept_tokens
 from diffcr.routing import routed_forward
 
-ROUTABLE_BLOCKS = ("BasicTransformerBlock",)
+ROUTABLE_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
+# blocks that return (text stream, image stream) and take the text stream as `encoder_hidden_states` (MMDiT)
+JOINT_BLOCKS = ("JointTransformerBlock",)
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,14 @@ class Adapter:
         name: short name ("pixart", "dit").
         default_num_train_timesteps: T when neither the config nor the model says.
         has_cross_attention: whether blocks attend to text tokens (FLOP counting).
+        joint_attention: whether blocks attend over text and image tokens together, computing the text tokens
+            too (MMDiT: SD3, Flux); FLOP counting then adds the text tokens' share.
     """
 
     name: str
     default_num_train_timesteps: int = 1000
     has_cross_attention: bool = False
+    joint_attention: bool = False
 
     def blocks(self, model) -> list[torch.nn.Module]:
         blocks = list(getattr(model, "transformer_blocks", []))
@@ -56,6 +61,10 @@ class Adapter:
             flops += 2 * num_tokens * 2 * width * width  # q and out projections of the image tokens
             flops += 2 * context_tokens * 2 * width * width  # k, v of the text tokens
             flops += 2 * 2 * num_tokens * context_tokens * width
+        if self.joint_attention and context_tokens:
+            flops += 2 * context_tokens * 4 * width * width  # the text tokens' q, k, v, out projections
+            flops += 2 * 2 * (2 * num_tokens + context_tokens) * context_tokens * width  # joint attention's rest
+            flops += 2 * context_tokens * 2 * width * ff_inner  # the text tokens' MLP
         return flops
 
 
@@ -76,7 +85,10 @@ def _signature(forward) -> inspect.Signature:
 
 
 def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
-    """The forward of a routed `BasicTransformerBlock`: the model's own block forward on the kept tokens.
+    """The forward of a routed block: the model's own block forward on the kept image tokens.
+
+    A joint (MMDiT) block also takes and returns the text stream: it runs on all text tokens and the kept image
+    tokens, so the text stream is updated from the kept image tokens; bypassed image tokens pass unchanged.
 
     Args:
         block: the block (its class swapped by `apply`), holding `_diffcr_controller` and `_diffcr_layer`.
@@ -95,12 +107,13 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
     bound = _signature(base_forward).bind(block, hidden_states, *args, **kwargs)
     if bound.arguments.get("attention_mask") is not None:
         raise NotImplementedError("DiffCR routing does not support a self-attention mask over image tokens")
+    joint = type(block)._diffcr_base_class.__name__ in JOINT_BLOCKS
     # 2. router logits, once for the whole batch, only if some pass routes
     router_logits = None
     if kept_counts - {0, num_tokens}:
         router_logits = controller.router_logits(layer, hidden_states)  # (B, N), fp32
     gate = controller.config.gate
-    outputs, order = [], []
+    outputs, texts, order = [], [], []
     for group in plan:
         # 3. this group's samples and their per-sample arguments
         if group.sample_idx is None:
@@ -113,14 +126,18 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
             logits = None if router_logits is None else router_logits.index_select(0, idx)  # (b, N)
             order.append(idx)
 
-        def block_fn(kept_tokens, mlp_gate, _args=group_args, _kwargs=group_kwargs):
-            if mlp_gate is None:
-                return base_forward(block, kept_tokens, *_args, **_kwargs)
-            block.ff._diffcr_mlp_gate = mlp_gate  # read by `mlp_gate_hook`
+        text_outputs: dict[int, torch.Tensor | None] = {}  # num_kept -> the text stream that pass returned
+
+        def block_fn(kept_tokens, mlp_gate, _args=group_args, _kwargs=group_kwargs, _texts=text_outputs):
+            block.ff._diffcr_mlp_gate = mlp_gate  # read by `mlp_gate_hook` (None: no gate)
             try:
-                return base_forward(block, kept_tokens, *_args, **_kwargs)
+                out = base_forward(block, kept_tokens, *_args, **_kwargs)
             finally:
                 block.ff._diffcr_mlp_gate = None
+            if not joint:
+                return out
+            _texts[kept_tokens.shape[1]] = out[0]  # (b, T, C), or None from the last block of SD3
+            return out[1]
 
         # 4. one pass at a bin, or two passes blended by the interpolation weights
         if len(group.passes) == 1 and group.passes[0][1] is None:
@@ -134,12 +151,41 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
                 )  # (b, N, C)
                 out = out + weight.to(update).view(-1, 1, 1) * update  # weight (b,) per sample
         outputs.append(out)
-    if len(outputs) == 1:
-        return outputs[0]
+        if joint:
+            texts.append(_blend_text(group, num_tokens, text_outputs, _text_input(bound, group, batch_size)))
     # 5. put the groups back in batch order
-    stacked = torch.cat(outputs)  # (B, N, C), grouped order
-    inverse = torch.argsort(torch.cat(order))
-    return stacked.index_select(0, inverse)
+    inverse = None if len(outputs) == 1 else torch.argsort(torch.cat(order))
+    image = _in_batch_order(outputs, inverse)  # (B, N, C)
+    return (_in_batch_order(texts, inverse), image) if joint else image
+
+
+def _in_batch_order(parts: list, inverse: torch.Tensor | None):
+    """Groups' outputs (grouped order) back in batch order; None stays None (SD3's last block has no text)."""
+    if inverse is None or parts[0] is None:
+        return parts[0]
+    return torch.cat(parts).index_select(0, inverse)
+
+
+def _text_input(bound, group, batch_size: int) -> torch.Tensor:
+    """The text stream a joint block received, for this group's samples: (b, T, C)."""
+    text = bound.arguments["encoder_hidden_states"]
+    return text if group.sample_idx is None else text.index_select(0, group.sample_idx.to(text.device))
+
+
+def _blend_text(group, num_tokens: int, text_outputs: dict, text_in: torch.Tensor):
+    """The text stream of a joint block's group: the pass's own, or the passes' blend by their weights.
+
+    A pass with no kept image token skips the block (METHOD section 1), so its text stream is the input's.
+    """
+    if len(group.passes) == 1 and group.passes[0][1] is None:
+        return text_outputs.get(num_kept_tokens(group.passes[0][0], num_tokens), text_in)
+    if any(text_outputs.get(num_kept_tokens(kept, num_tokens), text_in) is None for kept, _ in group.passes):
+        return None
+    blended = text_in
+    for kept, weight in group.passes:
+        text = text_outputs.get(num_kept_tokens(kept, num_tokens), text_in)  # (b, T, C)
+        blended = blended + weight.to(text).view(-1, 1, 1) * (text - text_in)
+    return blended
 
 
 def mlp_gate_hook(module, inputs, output):

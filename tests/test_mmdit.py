@@ -1,0 +1,87 @@
+"""What routing means on an MMDiT (SD3 / SD3.5 `JointTransformerBlock`): image tokens are routed, every text
+token is computed, the text stream is updated from the kept image tokens. The shared conformance suite runs on
+SD3 too (the `case` fixture); these are the family's own checks."""
+
+from __future__ import annotations
+
+import torch
+
+import diffcr
+from conftest import SD3Case, run
+from diffcr import DiffCRConfig
+
+
+def routed(kept: float):
+    model = diffcr.apply(SD3Case.model(), DiffCRConfig(timestep_regions=1))
+    with torch.no_grad():
+        model.diffcr.kept_ratio.fill_(kept)
+        for router in model.diffcr.routers:
+            router.weight.normal_()
+    return diffcr.freeze(model)
+
+
+def block_calls(model, layer: int):
+    """(inputs, output) of every call of block `layer`."""
+    calls = []
+    model.transformer_blocks[layer].register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((dict(kwargs), out)), with_kwargs=True
+    )
+    return calls
+
+
+def test_text_stream_equals_dense_at_kept_one():
+    dense, model = SD3Case.model(), routed(1.0)
+    inputs = SD3Case.inputs([100, 700])
+    dense_calls, routed_calls = block_calls(dense, 1), block_calls(model, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, inputs), run(dense, inputs), atol=0, rtol=0)
+    torch.testing.assert_close(routed_calls[0][1][0], dense_calls[0][1][0], atol=0, rtol=0)
+
+
+def test_text_stream_comes_from_all_text_and_the_kept_image_tokens():
+    model = routed(0.5)
+    calls = block_calls(model, 1)
+    with torch.no_grad():
+        run(model, SD3Case.inputs([100, 700]))
+    kwargs, (text_out, image_out) = calls[0]
+    image_in, text_in = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+    block = model.transformer_blocks[1]
+    logits = model.diffcr.routers[1](image_in).squeeze(-1)
+    kept_idx = diffcr.routing.select_tokens(logits, SD3Case.num_tokens // 2)
+    kept = diffcr.routing.gather_tokens(image_in, kept_idx)
+    base_forward = type(block)._diffcr_base_class.forward
+    with torch.no_grad():
+        expected_text, expected_kept = base_forward(
+            block, kept, text_in, kwargs["temb"], kwargs["joint_attention_kwargs"]
+        )
+    assert text_out.shape == text_in.shape  # every text token computed
+    torch.testing.assert_close(text_out, expected_text, atol=1e-6, rtol=0)
+    torch.testing.assert_close(diffcr.routing.gather_tokens(image_out, kept_idx), expected_kept, atol=1e-6, rtol=0)
+
+
+def test_last_block_without_text_stream_and_skip_layer_guidance():
+    model = routed(0.5)
+    last = block_calls(model, 2)
+    skipped = block_calls(model, 1)
+    with torch.no_grad():
+        out = model(**SD3Case.inputs([100, 700]), skip_layers=[1]).sample
+    assert torch.isfinite(out).all()
+    assert last[0][1][0] is None  # SD3's last block returns no text stream, routed or not
+    assert skipped == []  # skip-layer guidance's call leaves layer 1 out entirely
+    # at kept 1.0 a skip-layer call is exactly the dense model's
+    dense, full = SD3Case.model(), routed(1.0)
+    inputs = SD3Case.inputs([100, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(full(**inputs, skip_layers=[0]).sample, dense(**inputs, skip_layers=[0]).sample)
+
+
+def test_flops_count_the_text_tokens_of_joint_attention():
+    from diffcr.adapters import get_adapter
+
+    model = SD3Case.model()
+    adapter = get_adapter(model)
+    with_text = adapter.block_flops(model, 16, context_tokens=5)
+    without = adapter.block_flops(model, 16)
+    width = 16
+    text_share = 2 * 5 * 4 * width * width + 2 * 2 * (2 * 16 + 5) * 5 * width + 2 * 5 * 2 * width * 4 * width
+    assert with_text - without == text_share

@@ -85,3 +85,11 @@ def test_flops_count_the_text_tokens_of_joint_attention():
     width = 16
     text_share = 2 * 5 * 4 * width * width + 2 * 2 * (2 * 16 + 5) * 5 * width + 2 * 5 * 2 * width * 4 * width
     assert with_text - without == text_share
+
+
+def test_every_adapter_runs_the_conformance_suite():
+    from conftest import CASES
+    from diffcr.adapters import ADAPTERS
+
+    covered = {type(case.model(num_layers=1)).__name__ for case in CASES}
+    assert set(ADAPTERS) <= covered, f"add a Case to tests/conftest.py for {sorted(set(ADAPTERS) - covered)}"

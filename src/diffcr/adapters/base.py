@@ -129,11 +129,14 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
         text_outputs: dict[int, torch.Tensor | None] = {}  # num_kept -> the text stream that pass returned
 
         def block_fn(kept_tokens, mlp_gate, _args=group_args, _kwargs=group_kwargs, _texts=text_outputs):
-            block.ff._diffcr_mlp_gate = mlp_gate  # read by `mlp_gate_hook` (None: no gate)
-            try:
+            if mlp_gate is None:
                 out = base_forward(block, kept_tokens, *_args, **_kwargs)
-            finally:
-                block.ff._diffcr_mlp_gate = None
+            else:
+                block.ff._diffcr_mlp_gate = mlp_gate  # read by `mlp_gate_hook`
+                try:
+                    out = base_forward(block, kept_tokens, *_args, **_kwargs)
+                finally:
+                    block.ff._diffcr_mlp_gate = None
             if not joint:
                 return out
             _texts[kept_tokens.shape[1]] = out[0]  # (b, T, C), or None from the last block of SD3

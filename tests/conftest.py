@@ -59,6 +59,7 @@ def tiny_pixart(num_layers: int = 3, seed: int = 0):
 class DiTCase:
     name = "dit"
     num_tokens = 16
+    num_train_timesteps = 1000  # the range of the timestep the model receives
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
@@ -82,6 +83,7 @@ class DiTCase:
 class PixArtCase:
     name = "pixart"
     num_tokens = 16
+    num_train_timesteps = 1000
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
@@ -137,6 +139,7 @@ def tiny_sd3(num_layers: int = 3, seed: int = 0):
 class SD3Case:
     name = "sd3"
     num_tokens = 16
+    num_train_timesteps = 1000
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
@@ -157,7 +160,66 @@ class SD3Case:
         return {"hidden_states": x, "timestep": timesteps, "encoder_hidden_states": text, "pooled_projections": pooled}
 
 
-CASES = [DiTCase, PixArtCase, SD3Case]
+def tiny_flux(num_layers: int = 3, seed: int = 0, num_single_layers: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=6,
+        axes_dims_rope=[4, 4, 8],
+    )
+    with torch.no_grad():  # adaLN-Zero starts as the identity: random modulation, so that blocks do something
+        for module in model.modules():
+            if type(module).__name__ in ("AdaLayerNormZero", "AdaLayerNormZeroSingle"):
+                module.linear.weight.normal_(0, 0.3)
+                module.linear.bias.normal_(0, 0.3)
+    return model.eval()
+
+
+class FluxCase:
+    """Flux with double-stream blocks only, so that `transformer_blocks` holds every routed layer (the shared
+    suite indexes it); `tests/test_mmdit.py` covers the single-stream blocks."""
+
+    name = "flux"
+    num_tokens = 16
+    num_train_timesteps = 1  # Flux receives sigma in [0, 1]
+
+    @staticmethod
+    def model(num_layers: int = 3, seed: int = 0):
+        return tiny_flux(num_layers, seed)
+
+    @staticmethod
+    def inputs(timesteps, seed: int = 1, cfg: bool = False) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        # the suite speaks in timesteps of [0, 1000); Flux receives sigma in [0, 1]
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float32) / 1000
+        batch = timesteps.shape[0]
+        x = torch.randn(batch, 16, 4, generator=gen)  # packed latents: 4x4 positions
+        text = torch.randn(batch, 5, 12, generator=gen)
+        pooled = torch.randn(batch, 6, generator=gen)
+        if cfg:
+            x[batch // 2 :] = x[: batch // 2]
+            text[batch // 2 :] = 0
+            pooled[batch // 2 :] = 0
+        grid = torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij")
+        return {
+            "hidden_states": x,
+            "timestep": timesteps,
+            "encoder_hidden_states": text,
+            "pooled_projections": pooled,
+            "img_ids": torch.stack(grid, -1).reshape(-1, 3),
+            "txt_ids": torch.zeros(5, 3),
+        }
+
+
+CASES = [DiTCase, PixArtCase, SD3Case, FluxCase]
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])

@@ -18,13 +18,20 @@ def set_kept(model, table) -> None:
 
 
 def count_block_tokens(model):
-    """Record the image-token count every block's MLP sees, per block call (the text stream of a joint block
-    has its own MLP, `ff_context`)."""
+    """Record (layer, samples, image tokens) every block's MLP sees, per block call (the text stream of a joint
+    block has its own MLP, `ff_context`). Consecutive calls of one layer with the same token count are one entry:
+    Flux runs a routed block sample by sample (its rotary table follows each sample's tokens)."""
     seen: list[tuple[int, int, int]] = []
+
+    def record(layer, tokens):
+        batch, count = tokens.shape[0], tokens.shape[1]
+        if seen and seen[-1][0] == layer and seen[-1][2] == count:
+            batch += seen.pop()[1]
+        seen.append((layer, batch, count))
+
     for layer, block in enumerate(model.transformer_blocks):
         block.ff.register_forward_pre_hook(
-            lambda mod, args, kwargs, layer=layer: seen.append((layer, args[0].shape[0], args[0].shape[1])),
-            with_kwargs=True,
+            lambda mod, args, kwargs, layer=layer: record(layer, args[0]), with_kwargs=True
         )
     return seen
 
@@ -192,8 +199,8 @@ def test_cfg_batch_routes_each_half_on_its_own(case):
 
 def _take(inputs: dict, idx: list[int]) -> dict:
     out = {}
-    for key, value in inputs.items():
-        out[key] = value[idx] if torch.is_tensor(value) else value
+    for key, value in inputs.items():  # Flux's position ids are shared by the batch
+        out[key] = value[idx] if torch.is_tensor(value) and not key.endswith("_ids") else value
     return out
 
 
@@ -222,6 +229,8 @@ def test_regions_use_their_own_num_kept(case):
 
 
 def test_timestep_range_comes_from_config(case):
+    if case.num_train_timesteps == 1:
+        pytest.skip("Flux receives sigma in [0, 1]: a range of 100 does not apply")
     model = diffcr.apply(
         case.model(), DiffCRConfig(timestep_regions=2, num_train_timesteps=100, ratio_bins=(1.0, 0.75, 0.5, 0.25))
     )
@@ -289,6 +298,8 @@ def test_ratio_loss_before_forward_raises(case):
 
 
 def test_sigmoid_mlp_scales_only_the_mlp_update(case):
+    if case.name == "flux":
+        pytest.skip("the manual reference would need Flux's rotary rows; tests/test_mmdit.py checks those")
     model = case.model()
     reference = case.model()
     diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp", timestep_regions=1))
@@ -353,7 +364,8 @@ def test_freeze_stops_gradients_and_schedule_prints(case):
     diffcr.freeze(model)
     assert not any(p.requires_grad for p in model.diffcr.parameters())
     text = str(diffcr.schedule(model))
-    assert "t 0-499" in text and "t 500-999" in text and "0.80" in text and "0.30" in text
+    halves = ("t 0-0.5", "t 0.5-1") if case.num_train_timesteps == 1 else ("t 0-499", "t 500-999")
+    assert all(label in text for label in halves) and "0.80" in text and "0.30" in text
     assert diffcr.schedule(model).mean_kept_ratio == pytest.approx(0.55)
 
 
@@ -373,7 +385,7 @@ def test_save_load_round_trip(case, tmp_path, frozen):
     assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["diffcr_config.json", "diffcr_weights.safetensors"]
     fresh = diffcr.load(case.model(), tmp_path / "art")
     assert diffcr.is_frozen(fresh) == frozen
-    assert diffcr.get_config(fresh) == diffcr.get_config(model).replace(num_train_timesteps=1000)
+    assert diffcr.get_config(fresh) == diffcr.get_config(model).replace(num_train_timesteps=case.num_train_timesteps)
     with torch.no_grad():
         assert torch.equal(run(fresh.eval(), inputs), expected)
 

@@ -4,6 +4,7 @@ SD3 too (the `case` fixture); these are the family's own checks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import diffcr
@@ -93,3 +94,71 @@ def test_every_adapter_runs_the_conformance_suite():
 
     covered = {type(case.model(num_layers=1)).__name__ for case in CASES}
     assert set(ADAPTERS) <= covered, f"add a Case to tests/conftest.py for {sorted(set(ADAPTERS) - covered)}"
+
+
+# -- Flux: double- and single-stream blocks, rotary positions -------------------------------------------------------
+def flux_with_single_blocks(kept: float):
+    from conftest import tiny_flux
+
+    model = diffcr.apply(tiny_flux(num_layers=1, num_single_layers=2), DiffCRConfig(timestep_regions=4))
+    with torch.no_grad():
+        model.diffcr.kept_ratio.fill_(kept)
+        for router in model.diffcr.routers:
+            router.weight.normal_()
+    return diffcr.freeze(model)
+
+
+def test_flux_routes_single_stream_blocks_per_sample():
+    from conftest import FluxCase, tiny_flux
+
+    model = flux_with_single_blocks(0.5)
+    assert model.diffcr.num_layers == 3  # one double-stream and two single-stream blocks
+    seen = []
+    model.single_transformer_blocks[0].norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    inputs = FluxCase.inputs([100, 400, 900])
+    with torch.no_grad():
+        together = run(model, inputs)
+        for b in range(3):
+            alone = run(model, {k: v if k.endswith("_ids") else v[b : b + 1] for k, v in inputs.items()})
+            torch.testing.assert_close(alone[0], together[b], atol=1e-6, rtol=0)
+    assert seen[0] == (1, 5 + 8, 32)  # every text token and half of the 16 image tokens, one sample at a time
+    dense, full = tiny_flux(num_layers=1, num_single_layers=2), flux_with_single_blocks(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(run(full, inputs), run(dense, inputs), atol=0, rtol=0)
+
+
+def test_flux_rotary_rows_follow_the_kept_tokens():
+    from conftest import FluxCase
+
+    model = flux_with_single_blocks(0.5)
+    block = model.single_transformer_blocks[1]
+    calls = {}
+    block.register_forward_pre_hook(lambda m, args, kwargs: calls.update(block=dict(kwargs)), with_kwargs=True)
+    block.attn.register_forward_pre_hook(lambda m, args, kwargs: calls.update(attn=dict(kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        run(model, FluxCase.inputs([300]))
+    full_cos, full_sin = calls["block"]["image_rotary_emb"]
+    cos, sin = calls["attn"]["image_rotary_emb"]
+    image = calls["block"]["hidden_states"]
+    logits = model.diffcr.routers[2](image).squeeze(-1)
+    kept_idx = diffcr.routing.select_tokens(logits, 8)[0]
+    rows = torch.cat([torch.arange(5), 5 + kept_idx])  # text rows first, then the kept image tokens' rows
+    assert cos.shape == (13, full_cos.shape[1])
+    torch.testing.assert_close(cos, full_cos[rows], atol=0, rtol=0)
+    torch.testing.assert_close(sin, full_sin[rows], atol=0, rtol=0)
+
+
+def test_flux_regions_come_from_sigma_and_block_lists_name_routed_classes():
+    from conftest import FluxCase
+
+    model = flux_with_single_blocks(1.0)
+    with torch.no_grad():
+        model.diffcr.kept_ratio.copy_(torch.tensor([[1.0, 0.9, 0.8, 0.7]]).expand(3, 4))
+    model.diffcr.frozen_schedule = None
+    model.eval()
+    with torch.no_grad():
+        run(model, FluxCase.inputs([100, 300, 600, 900]))  # sigma 0.1, 0.3, 0.6, 0.9: one per region
+    assert model.diffcr.used_kept_ratio()[0].tolist() == pytest.approx([1.0, 0.9, 0.8, 0.7])
+    for names in (model._repeated_blocks, model._no_split_modules):
+        assert {"DiffCRFluxTransformerBlock", "DiffCRFluxSingleTransformerBlock"} <= set(names)
+    assert "t 0-0.25" in str(diffcr.schedule(model))

@@ -39,7 +39,7 @@ def test_routed_forward_counts_and_bypass():
     logits = torch.randn(2, 12)
     seen = []
 
-    def block_fn(x, mlp_gate):
+    def block_fn(x, mlp_gate, kept_idx):
         seen.append(x.shape[1])
         return x * 3 + 1
 

@@ -92,6 +92,12 @@ def apply(model, config: DiffCRConfig | None = None):
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     if config.gate == "sigmoid_mlp":
+        without_mlp = [i for i, b in enumerate(blocks) if not isinstance(getattr(b, "ff", None), torch.nn.Module)]
+        if without_mlp:
+            raise ValueError(
+                f"gate='sigmoid_mlp' gates a block's `ff` MLP, which blocks {without_mlp} do not have (e.g. Flux's "
+                "single-stream blocks); use gate='straight_through' or 'sigmoid_block'"
+            )
         chunked = [i for i, b in enumerate(blocks) if getattr(b, "_chunk_size", None) is not None]
         if chunked:
             raise ValueError(
@@ -99,7 +105,7 @@ def apply(model, config: DiffCRConfig | None = None):
                 "disable feed-forward chunking or use another gate"
             )
     num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
-    if config.timestep_regions > num_train_timesteps:
+    if config.timestep_regions > num_train_timesteps and not adapter.continuous_timesteps:
         raise ValueError(
             f"timestep_regions={config.timestep_regions} is more than the model's {num_train_timesteps} training "
             f"timesteps: regions would be empty; use at most {num_train_timesteps} (the paper uses 4 to 10)"
@@ -255,7 +261,15 @@ class Schedule:
 
     kept_ratio: list[list[float]]
     continuous: list[list[float]]
-    region_bounds: list[tuple[int, int]]
+    region_bounds: list[tuple[float, float]]
+
+    @property
+    def region_labels(self) -> list[str]:
+        """'t 0-249' for integer timesteps (both ends in the region), 't 0.25-0.5' for a continuous range."""
+        integer = all(isinstance(lo, int) and isinstance(hi, int) for lo, hi in self.region_bounds)
+        if integer:
+            return [f"t {lo}-{hi - 1}" for lo, hi in self.region_bounds]
+        return [f"t {lo:g}-{hi:g}" for lo, hi in self.region_bounds]
 
     @property
     def mean_kept_ratio(self) -> float:
@@ -263,14 +277,12 @@ class Schedule:
         return sum(values) / len(values)
 
     def __str__(self) -> str:
-        header = "layer | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in self.region_bounds)
+        labels = self.region_labels
+        header = "layer | " + " | ".join(labels)
         lines = [header, "-" * len(header)]
         for layer, row in enumerate(self.kept_ratio):
             lines.append(
-                f"{layer:5d} | "
-                + " | ".join(
-                    f"{v:>{max(4, len(f't {lo}-{hi - 1}'))}.2f}" for v, (lo, hi) in zip(row, self.region_bounds)
-                )
+                f"{layer:5d} | " + " | ".join(f"{v:>{max(4, len(label))}.2f}" for v, label in zip(row, labels))
             )
         lines.append(f"mean kept ratio {self.mean_kept_ratio:.3f} (compression {1 - self.mean_kept_ratio:.1%})")
         return "\n".join(lines)
@@ -281,7 +293,10 @@ def schedule(model) -> Schedule:
     controller = _controller(model)
     regions = controller.config.timestep_regions
     total = controller.num_train_timesteps
-    bounds = [(-(-r * total // regions), -(-(r + 1) * total // regions)) for r in range(regions)]
+    if get_adapter(model).continuous_timesteps:  # e.g. Flux's sigma in [0, 1]
+        bounds = [(r * total / regions, (r + 1) * total / regions) for r in range(regions)]
+    else:
+        bounds = [(-(-r * total // regions), -(-(r + 1) * total // regions)) for r in range(regions)]
     low = min(controller.config.ratio_bins)
     return Schedule(
         kept_ratio=controller.frozen_schedule or controller.snapped_schedule(),

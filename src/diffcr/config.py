@@ -105,11 +105,6 @@ class DiffCRConfig:
             )
         if self.num_train_timesteps is not None and self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 1 (or None)")
-        if self.num_train_timesteps is not None and self.timestep_regions > self.num_train_timesteps:
-            raise ValueError(
-                f"timestep_regions={self.timestep_regions} is more than num_train_timesteps="
-                f"{self.num_train_timesteps}: regions would be empty"
-            )
         if not bins[-1] <= self.init_kept_ratio <= 1.0:
             raise ValueError(f"init_kept_ratio={self.init_kept_ratio} must lie in [{bins[-1]}, 1.0] (the bins' range)")
 

@@ -35,7 +35,10 @@ def plot_schedule(kept_table: list[list[float]], region_bounds, path: Path) -> P
     image = ax.imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (row, col), value in np.ndenumerate(table):
         ax.text(col, row, f"{value:.1f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    ax.set_xticks(range(table.shape[1]), [f"t {lo}-{hi - 1}" for lo, hi in region_bounds], rotation=30)
+    from diffcr.api import Schedule
+
+    labels = Schedule(kept_table, kept_table, list(region_bounds)).region_labels
+    ax.set_xticks(range(table.shape[1]), labels, rotation=30)
     ax.set_yticks(range(table.shape[0]), [f"layer {i}" for i in range(table.shape[0])])
     ax.set_xlabel("timestep region (noisier to the right)")
     fig.colorbar(image, ax=ax, label="kept ratio")

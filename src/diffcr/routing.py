@@ -11,8 +11,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# block_fn(tokens, mlp_gate) -> block output for `tokens`; mlp_gate is (B, k, 1) or None.
-BlockFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# block_fn(tokens, mlp_gate, kept_idx) -> block output for `tokens`; mlp_gate is (B, k, 1) or None; kept_idx is
+# (B, k), or None when every token runs (a block with positions outside its tokens, e.g. rotary tables, needs it)
+BlockFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 def select_tokens(router_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ def routed_forward(
     if num_kept == 0:
         return torch.zeros_like(tokens) if as_update else tokens
     if num_kept >= num_tokens:
-        dense_out = block_fn(tokens, None)  # (B, N, C)
+        dense_out = block_fn(tokens, None, None)  # (B, N, C)
         return dense_out - tokens if as_update else dense_out
     # 2. pick and gather
     kept_idx = select_tokens(router_logits, num_kept)  # (B, k)
@@ -93,7 +94,7 @@ def routed_forward(
     kept_logits = torch.gather(router_logits, 1, kept_idx)  # (B, k)
     # 3. the block on the kept tokens alone
     mlp_gate = gate_values(kept_logits, gate) if gate == "sigmoid_mlp" else None  # (B, k, 1)
-    kept_out = block_fn(kept_tokens, mlp_gate)  # (B, k, C)
+    kept_out = block_fn(kept_tokens, mlp_gate, kept_idx)  # (B, k, C)
     # 4. gate and scatter back; a straight-through gate is exactly 1, so with no gradient it can be skipped
     if gate == "sigmoid_mlp" or (gate == "straight_through" and not torch.is_grad_enabled()):
         kept_update = kept_out - kept_tokens if as_update else None

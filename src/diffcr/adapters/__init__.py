@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from diffcr.adapters.base import Adapter
 from diffcr.adapters.dit import DIT_ADAPTER
+from diffcr.adapters.flux import FLUX_ADAPTER
 from diffcr.adapters.pixart import PIXART_ADAPTER
 from diffcr.adapters.sd3 import SD3_ADAPTER
 
@@ -14,6 +15,7 @@ ADAPTERS: dict[str, Adapter] = {
     "PixArtTransformer2DModel": PIXART_ADAPTER,
     "DiTTransformer2DModel": DIT_ADAPTER,
     "SD3Transformer2DModel": SD3_ADAPTER,
+    "FluxTransformer2DModel": FLUX_ADAPTER,
 }
 
 

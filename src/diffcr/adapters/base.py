@@ -11,9 +11,15 @@ import torch
 from diffcr.ratios import num_kept_tokens
 from diffcr.routing import routed_forward
 
-ROUTABLE_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
+ROUTABLE_BLOCKS = (
+    "BasicTransformerBlock",
+    "JointTransformerBlock",
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+)
 # blocks that return (text stream, image stream) and take the text stream as `encoder_hidden_states` (MMDiT)
-JOINT_BLOCKS = ("JointTransformerBlock",)
+JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+ROTARY_ARGUMENT = "image_rotary_emb"  # Flux: one (cos, sin) table for text then image positions, shared by the batch
 
 
 @dataclass(frozen=True)
@@ -26,15 +32,20 @@ class Adapter:
         has_cross_attention: whether blocks attend to text tokens (FLOP counting).
         joint_attention: whether blocks attend over text and image tokens together, computing the text tokens
             too (MMDiT: SD3, Flux); FLOP counting then adds the text tokens' share.
+        block_lists: the model's attributes holding routable blocks, in layer order.
+        continuous_timesteps: the model receives a continuous timestep in [0, T] (Flux: sigma in [0, 1]), so the
+            number of regions is not bounded by T.
     """
 
     name: str
     default_num_train_timesteps: int = 1000
     has_cross_attention: bool = False
     joint_attention: bool = False
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
+    continuous_timesteps: bool = False
 
     def blocks(self, model) -> list[torch.nn.Module]:
-        blocks = list(getattr(model, "transformer_blocks", []))
+        blocks = [block for name in self.block_lists for block in getattr(model, name, [])]
         if not blocks:
             raise TypeError(f"{type(model).__name__} has no transformer_blocks to route")
         kinds = {getattr(type(b), "_diffcr_base_class", type(b)).__name__ for b in blocks}  # routed or not
@@ -68,15 +79,48 @@ class Adapter:
         return flops
 
 
-def _slice_per_sample(value, sample_idx: torch.Tensor, batch_size: int):
-    """Take the rows `sample_idx` of every per-sample tensor (dim 0 == batch) in an argument tree."""
+def _slice_per_sample(value, sample_idx: torch.Tensor, batch_size: int, keep=None):
+    """Take the rows `sample_idx` of every per-sample tensor (dim 0 == batch) in an argument tree; `keep` (a
+    table shared by the batch, such as a rotary table) is left whole."""
+    if keep is not None and value is keep:
+        return value
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size:
         return value.index_select(0, sample_idx.to(value.device))
     if isinstance(value, dict):
-        return {k: _slice_per_sample(v, sample_idx, batch_size) for k, v in value.items()}
+        return {k: _slice_per_sample(v, sample_idx, batch_size, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_slice_per_sample(v, sample_idx, batch_size) for v in value)
+        return type(value)(_slice_per_sample(v, sample_idx, batch_size, keep) for v in value)
     return value
+
+
+def _per_sample(plan: list, batch_size: int, device) -> list:
+    """The plan's groups split into one group per sample, each pass's weight taken for that sample."""
+    from diffcr.controller import RoutingGroup
+
+    groups = []
+    for group in plan:
+        members = range(batch_size) if group.sample_idx is None else group.sample_idx.tolist()
+        for position, sample in enumerate(members):
+            passes = [
+                (kept, None if weight is None else weight[position : position + 1]) for kept, weight in group.passes
+            ]
+            groups.append(RoutingGroup(torch.tensor([sample], device=device), passes))
+    return groups
+
+
+def _with_rotary_rows(base_forward, bound, args: tuple, kwargs: dict, kept_idx: torch.Tensor):
+    """The block's arguments with the rotary table cut to the rows of the text tokens and one sample's kept image
+    tokens (text rows first, as the table is laid out)."""
+    if kept_idx.shape[0] != 1:
+        raise RuntimeError("a rotary table follows the kept tokens of one sample at a time")
+    text_len = bound.arguments["encoder_hidden_states"].shape[1]
+    cos, sin = bound.arguments[ROTARY_ARGUMENT]
+    rows = torch.cat([torch.arange(text_len, device=cos.device), text_len + kept_idx[0].to(cos.device)])
+    table = (cos.index_select(0, rows), sin.index_select(0, rows))  # (T + k, D) each
+    if ROTARY_ARGUMENT in kwargs:
+        return args, {**kwargs, ROTARY_ARGUMENT: table}
+    position = list(_signature(base_forward).parameters).index(ROTARY_ARGUMENT) - 2  # after self, hidden_states
+    return (*args[:position], table, *args[position + 1 :]), kwargs
 
 
 @cache
@@ -108,6 +152,11 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
     if bound.arguments.get("attention_mask") is not None:
         raise NotImplementedError("DiffCR routing does not support a self-attention mask over image tokens")
     joint = type(block)._diffcr_base_class.__name__ in JOINT_BLOCKS
+    rotary = bound.arguments.get(ROTARY_ARGUMENT)
+    if rotary is not None and kept_counts - {0, num_tokens}:
+        # the rotary table is shared by the batch, but each sample keeps its own tokens: run sample by sample,
+        # each with the table's rows of its text and kept image tokens (see docs/METHOD.md, section 6b)
+        plan = _per_sample(plan, batch_size, hidden_states.device)
     # 2. router logits, once for the whole batch, only if some pass routes
     router_logits = None
     if kept_counts - {0, num_tokens}:
@@ -121,14 +170,16 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
         else:
             idx = group.sample_idx
             tokens = hidden_states.index_select(0, idx)  # (b, N, C)
-            group_args = _slice_per_sample(args, idx, batch_size)
-            group_kwargs = _slice_per_sample(kwargs, idx, batch_size)
+            group_args = _slice_per_sample(args, idx, batch_size, keep=rotary)
+            group_kwargs = _slice_per_sample(kwargs, idx, batch_size, keep=rotary)
             logits = None if router_logits is None else router_logits.index_select(0, idx)  # (b, N)
             order.append(idx)
 
         text_outputs: dict[int, torch.Tensor | None] = {}  # num_kept -> the text stream that pass returned
 
-        def block_fn(kept_tokens, mlp_gate, _args=group_args, _kwargs=group_kwargs, _texts=text_outputs):
+        def block_fn(kept_tokens, mlp_gate, kept_idx, _args=group_args, _kwargs=group_kwargs, _texts=text_outputs):
+            if rotary is not None and kept_idx is not None:
+                _args, _kwargs = _with_rotary_rows(base_forward, bound, _args, _kwargs, kept_idx)
             if mlp_gate is None:
                 out = base_forward(block, kept_tokens, *_args, **_kwargs)
             else:

@@ -1,4 +1,4 @@
-"""Dense vs routed forward latency on random-weight PixArt- and DiT-shaped transformers (issue: core library).
+"""Dense vs routed forward latency on random-weight PixArt-, DiT-, SD3- and Flux-shaped transformers.
 
 Every (family, tokens, batch) runs dense and kept ratios 0.8 / 0.5 / 0.3 interleaved in one process, median
 of >= 7 runs after warm-up, and prints the measured speedup next to the FLOP-ideal one.
@@ -6,6 +6,7 @@ of >= 7 runs after warm-up, and prints the measured speedup next to the FLOP-ide
     python benchmarks/routing_speed.py                 # the full table (about 10 minutes on 2 CPU cores)
     python benchmarks/routing_speed.py --quick         # tiny shapes, seconds
     python benchmarks/routing_speed.py --json out.json
+    python benchmarks/routing_speed.py --families sd3,flux --grid 1024x1,1024x4,4096x1   # the MMDiT rows
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the rows and the machine description to this file")
+    parser.add_argument("--families", default="pixart,dit", help="comma-separated: pixart, dit, sd3, flux")
+    parser.add_argument("--grid", help="TOKENSxBATCH,... (default 256x1,256x4,1024x1,1024x4)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -33,9 +36,11 @@ def main() -> None:
     else:
         shape = {"width": 384, "num_layers": 12, "heads": 6, "text_tokens": 120}
         grid = [(256, 1), (256, 4), (1024, 1), (1024, 4)]
+        if args.grid:
+            grid = [tuple(int(n) for n in item.split("x")) for item in args.grid.split(",")]
         repeats, warmup = args.repeats, 2
     rows = []
-    for family in ("pixart", "dit"):
+    for family in args.families.split(","):
         for num_tokens, batch in grid:
             new = routing_speed(family, num_tokens, batch, repeats=repeats, warmup=warmup, **shape)
             print("\n".join(speed_table_markdown(new).splitlines()[2:]), flush=True)

@@ -123,7 +123,9 @@ def random_transformer(
     """A random-weight transformer of the given family, shaped for `num_tokens` image tokens (patch 2).
 
     family "pixart": `PixArtTransformer2DModel` (adaLN-single, cross-attention to `text_tokens` tokens);
-    "dit": `DiTTransformer2DModel` (adaLN-Zero, class labels). Returns (model, make_inputs(batch)).
+    "dit": `DiTTransformer2DModel` (adaLN-Zero, class labels); "sd3": `SD3Transformer2DModel` (joint attention
+    with `text_tokens` text tokens); "flux": `FluxTransformer2DModel` (a third of the layers double-stream, the
+    rest single-stream, as in Flux, rotary positions). Returns (model, make_inputs(batch)).
     """
     side = int(round(num_tokens**0.5)) * 2
     torch.manual_seed(seed)
@@ -173,8 +175,59 @@ def random_transformer(
                 "timestep": torch.randint(0, 1000, (batch,)),
                 "class_labels": torch.randint(0, 1000, (batch,)),
             }
+    elif family == "sd3":
+        from diffusers import SD3Transformer2DModel
+
+        model = SD3Transformer2DModel(
+            sample_size=side,
+            patch_size=2,
+            in_channels=16,
+            num_layers=num_layers,
+            attention_head_dim=width // heads,
+            num_attention_heads=heads,
+            joint_attention_dim=width,
+            caption_projection_dim=width,
+            pooled_projection_dim=width,
+            out_channels=16,
+            pos_embed_max_size=side,
+        )
+
+        def make_inputs(batch: int) -> dict:
+            return {
+                "hidden_states": torch.randn(batch, 16, side, side),
+                "timestep": torch.rand(batch) * 1000,
+                "encoder_hidden_states": torch.randn(batch, text_tokens, width),
+                "pooled_projections": torch.randn(batch, width),
+            }
+    elif family == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        head_dim = width // heads
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=num_layers // 3,
+            num_single_layers=num_layers - num_layers // 3,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=width,
+            pooled_projection_dim=width,
+            axes_dims_rope=[head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8],
+        )
+        grid = side // 2  # packed latents: one token per 2x2 patch
+
+        def make_inputs(batch: int) -> dict:
+            ids = torch.meshgrid(torch.zeros(1), torch.arange(float(grid)), torch.arange(float(grid)), indexing="ij")
+            return {
+                "hidden_states": torch.randn(batch, grid * grid, 64),
+                "timestep": torch.rand(batch),  # Flux receives sigma in [0, 1]
+                "encoder_hidden_states": torch.randn(batch, text_tokens, width),
+                "pooled_projections": torch.randn(batch, width),
+                "img_ids": torch.stack(ids, -1).reshape(-1, 3),
+                "txt_ids": torch.zeros(text_tokens, 3),
+            }
     else:
-        raise ValueError(f"unknown family {family!r}; use 'pixart' or 'dit'")
+        raise ValueError(f"unknown family {family!r}; use 'pixart', 'dit', 'sd3' or 'flux'")
     return model.eval(), make_inputs
 
 
@@ -232,7 +285,7 @@ def routing_speed(
     dense_flops = model_flops(dense, num_tokens, None, text_tokens)
     rows = []
     for kept in routed_models:
-        routed_flops = model_flops(dense, num_tokens, [kept] * len(dense.transformer_blocks), text_tokens)
+        routed_flops = model_flops(dense, num_tokens, [kept] * len(get_adapter(dense).blocks(dense)), text_tokens)
         rows.append(
             SpeedRow(
                 family=family,

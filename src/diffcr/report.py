@@ -227,13 +227,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     planned = facts.get("planned_steps", steps_done)
     steps_text = f"{steps_done} steps" if steps_done == planned else f"{steps_done} of {planned} planned steps"
     warning_html = "".join(f'<p class="warning">{html.escape(line)}</p>\n' for line in warnings)
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>diffcr report: {html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th{{background:#f3f3f3}}img{{max-width:100%}}pre{{background:#f7f7f7;padding:8px}}
-.warning{{background:#fff3cd;border:2px solid #c77c02;padding:8px 12px;font-weight:bold}}</style></head><body>
-<h1>DiffCR report: {html.escape(str(run_dir))}</h1>
+    body = f"""<h1>DiffCR report: {html.escape(str(run_dir))}</h1>
 {warning_html}<p>Mode <b>{html.escape(train["mode"])}</b>, {steps_text}, batch {train["batch_size"]},
 target kept ratio {run["diffcr"]["target_kept_ratio"]}, {run["diffcr"]["timestep_regions"]} timestep regions,
 gate {html.escape(run["diffcr"]["gate"])}. Sampler: {html.escape(sample_cfg.scheduler.upper())}
@@ -256,10 +250,23 @@ step, drawn over the final images.</p>
 {_embed(figures["router_maps"])}
 <h2>Training curves</h2>
 {_embed(figures["curves"])}
-</body></html>
 """
-    path = out_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
+    return write_page(out_dir / "report.html", f"diffcr report: {run_dir.name}", body)
+
+
+PAGE_STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:8px}
+.warning{background:#fff3cd;border:2px solid #c77c02;padding:8px 12px;font-weight:bold}"""
+
+
+def write_page(path: Path, title: str, body: str) -> Path:
+    """A self-contained HTML page (the report's style) written atomically to `path`."""
+    page = (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+        f"<style>{PAGE_STYLE}</style></head><body>\n{body}</body></html>\n"
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page)
     tmp.replace(path)
     return path

@@ -94,7 +94,7 @@ def pipeline_router_maps(pipe, prompt: str, cfg, path: Path, layers: list[int] |
 def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `report.html` and its PNGs for an evaluated text-to-image run. Returns the HTML path."""
     import diffcr
-    from diffcr.report import _embed, plot_schedule, plot_training_curves
+    from diffcr.report import _embed, plot_schedule, plot_training_curves, write_page
     from diffcr.text_to_image import PromptSampleConfig, load_pipeline
     from diffcr.train import read_metrics
 
@@ -132,12 +132,7 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
 
     table = "".join(f"<tr><td>{html.escape(name)}</td><td>{cell(a)}</td><td>{cell(b)}</td></tr>" for name, a, b in rows)
     train = run["train"]
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>diffcr report: {html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th{{background:#f3f3f3}}img{{max-width:100%}}pre{{background:#f7f7f7;padding:8px}}</style></head><body>
-<h1>DiffCR text-to-image report: {html.escape(str(run_dir))}</h1>
+    body = f"""<h1>DiffCR text-to-image report: {html.escape(str(run_dir))}</h1>
 <p>Pipeline {html.escape(str(run["base"]))}, data {html.escape(str(run["data"]))}.
 Mode <b>{html.escape(train["mode"])}</b>, {len(read_metrics(run_dir))} steps, batch {train["batch_size"]},
 target kept ratio {run["diffcr"]["target_kept_ratio"]}, {run["diffcr"]["timestep_regions"]} timestep regions.
@@ -154,10 +149,5 @@ dense and DiffCR batches alternating from the same seeds.</p>
 {_embed(pictures["router_maps"])}
 <h2>Training curves</h2>
 {_embed(pictures["curves"])}
-</body></html>
 """
-    path = out_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    return write_page(out_dir / "report.html", f"diffcr report: {run_dir.name}", body)

@@ -8,6 +8,7 @@ from functools import cache
 
 import torch
 
+from diffcr.controller import RoutingGroup
 from diffcr.ratios import num_kept_tokens
 from diffcr.routing import routed_forward
 
@@ -95,8 +96,6 @@ def _slice_per_sample(value, sample_idx: torch.Tensor, batch_size: int, keep=Non
 
 def _per_sample(plan: list, batch_size: int, device) -> list:
     """The plan's groups split into one group per sample, each pass's weight taken for that sample."""
-    from diffcr.controller import RoutingGroup
-
     groups = []
     for group in plan:
         members = range(batch_size) if group.sample_idx is None else group.sample_idx.tolist()
@@ -206,7 +205,7 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
                 out = out + weight.to(update).view(-1, 1, 1) * update  # weight (b,) per sample
         outputs.append(out)
         if joint:
-            texts.append(_blend_text(group, num_tokens, text_outputs, _text_input(bound, group, batch_size)))
+            texts.append(_blend_text(group, num_tokens, text_outputs, _text_input(bound, group)))
     # 5. put the groups back in batch order
     inverse = None if len(outputs) == 1 else torch.argsort(torch.cat(order))
     image = _in_batch_order(outputs, inverse)  # (B, N, C)
@@ -220,7 +219,7 @@ def _in_batch_order(parts: list, inverse: torch.Tensor | None):
     return torch.cat(parts).index_select(0, inverse)
 
 
-def _text_input(bound, group, batch_size: int) -> torch.Tensor:
+def _text_input(bound, group) -> torch.Tensor:
     """The text stream a joint block received, for this group's samples: (b, T, C)."""
     text = bound.arguments["encoder_hidden_states"]
     return text if group.sample_idx is None else text.index_select(0, group.sample_idx.to(text.device))

@@ -63,7 +63,8 @@ def test_prepare_encodes_skips_and_resumes(tmp_path, pipeline_dir):
     # the cached latents are the pipeline's own VAE mean x scaling factor, and the text its own encode_prompt
     pipe = load_text_to_image_pipeline(pipeline_dir)
     dataset = LatentCaptionDataset(tmp_path / "cache")
-    latents, embeds, mask = dataset[0]
+    latents, text = dataset[0]
+    embeds, mask = text["prompt_embeds"], text["prompt_attention_mask"]
     from diffcr.data.latent_cache import load_image
 
     with torch.no_grad():

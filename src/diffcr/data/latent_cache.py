@@ -25,7 +25,10 @@ EMPTY_PROMPT = "empty_prompt.safetensors"
 CACHE_TYPE = "diffcr.LatentCaptionCache"
 CACHE_FORMAT = 1
 TRANSFORMER_KEYS = ("in_channels", "sample_size", "patch_size", "caption_channels")
-TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}  # class -> max_sequence_length
+# pipeline class -> max_sequence_length of its text encoder (the pipeline's own default)
+TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120, "StableDiffusion3Pipeline": 256}
+# text tensors a cache holds per record; SD3 adds the pooled projection of its CLIP encoders
+TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_projections")
 
 
 def pipeline_class_name(base: str | Path) -> str:
@@ -82,6 +85,7 @@ def pipeline_identity(pipe, base: str | Path) -> dict:
         "transformer": {
             k: transformer.get(k) for k in ("in_channels", "sample_size", "patch_size", "caption_channels")
         },
+        "vae_shift_factor": float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "vae_scale_factor": int(pipe.vae_scale_factor),
         "text_encoder": type(pipe.text_encoder).__name__,
@@ -179,8 +183,8 @@ def prepare_cache(
         logger.warning("skipped %s: %s", name, why)
 
     with torch.no_grad():
-        empty_embeds, empty_mask = _encode_text(pipe, [""], settings, device)
-        save_file_atomic({"prompt_embeds": empty_embeds, "prompt_attention_mask": empty_mask}, out / EMPTY_PROMPT)
+        empty = _encode_text(pipe, [""], settings, device)
+        save_file_atomic(empty, out / EMPTY_PROMPT)
         shards, skipped = [], list(source.skipped)
         bar = tqdm(total=len(records), desc="encoding", disable=not progress, dynamic_ncols=True)
         for index in range(num_shards):
@@ -209,7 +213,7 @@ def prepare_cache(
         count=sum(counts),
         skipped=[list(item) for item in skipped],
         latent_shape=list(_first_shape(out / shards[0]["file"], "latents")),
-        text_shape=[settings.max_sequence_length, int(empty_embeds.shape[-1])],
+        text_shape=list(empty["prompt_embeds"].shape[1:]),
     )
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
@@ -233,23 +237,40 @@ def _check_existing(out: Path, manifest: dict) -> None:
         )
 
 
-def _encode_text(pipe, captions: list[str], settings: EncodeSettings, device):
-    embeds, mask, _, _ = pipe.encode_prompt(
-        captions,
-        do_classifier_free_guidance=False,
-        device=device,
-        clean_caption=False,
-        max_sequence_length=settings.max_sequence_length,
-    )
-    return embeds.to(settings.text_dtype).cpu(), mask.to(torch.uint8).cpu()
+def _encode_text(pipe, captions: list[str], settings: EncodeSettings, device) -> dict[str, torch.Tensor]:
+    """The pipeline's own text encoding of `captions`: embeddings (n, L, D), attention mask (n, L) and, for SD3,
+    the pooled projection (n, P)."""
+    if type(pipe).__name__ == "StableDiffusion3Pipeline":
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            captions,
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=settings.max_sequence_length,
+        )
+        mask = torch.ones(embeds.shape[:2])  # SD3 attends to every text token
+        extra = {"pooled_projections": pooled.float().cpu()}
+    else:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            captions,
+            do_classifier_free_guidance=False,
+            device=device,
+            clean_caption=False,
+            max_sequence_length=settings.max_sequence_length,
+        )
+        extra = {}
+    text = {"prompt_embeds": embeds.to(settings.text_dtype).cpu(), "prompt_attention_mask": mask.to(torch.uint8).cpu()}
+    return {**text, **extra}
 
 
 def _encode_shard(pipe, chunk, settings: EncodeSettings, device, bar):
     """Latents and text embeddings of one shard's records; unreadable images are skipped by name."""
     from PIL import Image, UnidentifiedImageError
 
-    latents, embeds, masks, names, bad = [], [], [], [], []
+    latents, texts, names, bad = [], [], [], []
     scaling = pipe.vae.config.scaling_factor
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0  # SD3's VAE centres its latents
     for start in range(0, len(chunk), settings.batch_size):
         batch = chunk[start : start + settings.batch_size]
         images, kept = [], []
@@ -264,20 +285,19 @@ def _encode_shard(pipe, chunk, settings: EncodeSettings, device, bar):
             continue
         pixels = torch.stack(images).to(device=device, dtype=pipe.vae.dtype)  # (b, 3, R, R)
         posterior = pipe.vae.encode(pixels).latent_dist
-        latents.append((posterior.mean * scaling).float().cpu())  # (b, C, R/f, R/f)
-        text, mask = _encode_text(pipe, [r.caption for r in kept], settings, device)
-        embeds.append(text)
-        masks.append(mask)
+        latents.append(((posterior.mean - shift) * scaling).float().cpu())  # (b, C, R/f, R/f)
+        texts.append(_encode_text(pipe, [r.caption for r in kept], settings, device))
         names += [r.name for r in kept]
     if not names:
-        empty_text = torch.zeros(0, settings.max_sequence_length, 0)
-        return {"latents": torch.zeros(0), "prompt_embeds": empty_text, "prompt_attention_mask": empty_text}, [], bad
-    tensors = {
-        "latents": torch.cat(latents),
-        "prompt_embeds": torch.cat(embeds),
-        "prompt_attention_mask": torch.cat(masks),
-    }
+        return {"latents": torch.zeros(0), "prompt_embeds": torch.zeros(0)}, [], bad
+    tensors = {"latents": torch.cat(latents)}  # (n, C, h, w)
+    tensors.update({key: torch.cat([t[key] for t in texts]) for key in texts[0]})  # (n, L, D), (n, L), (n, P)
     return tensors, names, bad
+
+
+def _as_model_input(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Cached text tensors as the model takes them: float embeddings, integer masks."""
+    return tensor.long() if key == "prompt_attention_mask" else tensor.float()
 
 
 def _shard_entry(path: Path) -> dict:
@@ -301,7 +321,8 @@ def _first_shape(path: Path, key: str) -> tuple[int, ...]:
 
 
 class LatentCaptionDataset:
-    """A prepared cache, read lazily: `dataset[i]` -> (latents (C, h, w), prompt_embeds (L, D), mask (L,)).
+    """A prepared cache, read lazily: `dataset[i]` -> (latents (C, h, w), {"prompt_embeds": (L, D),
+    "prompt_attention_mask": (L,), and for SD3 "pooled_projections": (P,)}).
 
     Shards are memory-mapped by safetensors, so a cache larger than memory trains as well as a small one.
     """
@@ -326,8 +347,8 @@ class LatentCaptionDataset:
         self._handles = [safe_open(str(self.root / s["file"]), framework="pt") for s in self.manifest["shards"]]
         self._index = [(h, row) for h, s in zip(self._handles, self.manifest["shards"]) for row in range(s["count"])]
         with safe_open(str(self.root / EMPTY_PROMPT), framework="pt") as handle:
-            self.empty_prompt_embeds = handle.get_tensor("prompt_embeds").float()[0]  # (L, D)
-            self.empty_prompt_mask = handle.get_tensor("prompt_attention_mask").long()[0]  # (L,)
+            self.text_keys = [key for key in TEXT_KEYS if key in handle.keys()]
+            self.empty_prompt = {key: _as_model_input(key, handle.get_tensor(key)[0]) for key in self.text_keys}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -335,9 +356,8 @@ class LatentCaptionDataset:
     def __getitem__(self, i: int):
         handle, row = self._index[i]
         latents = handle.get_slice("latents")[row : row + 1][0].float()
-        embeds = handle.get_slice("prompt_embeds")[row : row + 1][0].float()
-        mask = handle.get_slice("prompt_attention_mask")[row : row + 1][0].long()
-        return latents, embeds, mask
+        text = {key: _as_model_input(key, handle.get_slice(key)[row : row + 1][0]) for key in self.text_keys}
+        return latents, text
 
     def captions(self, count: int) -> list[str]:
         """The first `count` captions of the cache (for prompts in reports)."""
@@ -349,9 +369,10 @@ class LatentCaptionDataset:
         return found[:count]
 
     def batch(self, indices: torch.Tensor):
-        """Stacked items for `indices`: latents (b, C, h, w), prompt_embeds (b, L, D), mask (b, L)."""
+        """Stacked items for `indices`: latents (b, C, h, w) and the text tensors, each with the batch first."""
         items = [self[int(i)] for i in indices]
-        return tuple(torch.stack(parts) for parts in zip(*items))
+        latents = torch.stack([latent for latent, _ in items])
+        return latents, {key: torch.stack([text[key] for _, text in items]) for key in self.text_keys}
 
     def check_pipeline(self, pipe, base) -> None:
         """Refuse to train a pipeline on a cache another pipeline (or resolution) made."""

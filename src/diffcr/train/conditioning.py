@@ -36,7 +36,7 @@ class ClassConditioning:
 
 @dataclass
 class TextConditioning:
-    """Text embeddings from a prepared cache (`diffcr.data.latent_cache`): a PixArt transformer on latents.
+    """Text embeddings from a prepared cache (`diffcr.data.latent_cache`): a PixArt or SD3 transformer on latents.
 
     Args:
         cache: a `LatentCaptionDataset`.
@@ -59,13 +59,14 @@ class TextConditioning:
         config = model.config
         channels, height, width = self.sample_shape
         text_dim = self.cache.manifest["text_shape"][1]
+        model_text_dim = config.get("caption_channels") or config.get("joint_attention_dim")
         problems = []
         if channels != config.in_channels:
             problems.append(f"latents have {channels} channels, the transformer takes {config.in_channels}")
         if height % config.patch_size or width % config.patch_size:
             problems.append(f"latents of {height}x{width} do not split into patches of {config.patch_size}")
-        if text_dim != config.caption_channels:
-            problems.append(f"text embeddings are {text_dim}-dim, the transformer takes {config.caption_channels}")
+        if text_dim != model_text_dim:
+            problems.append(f"text embeddings are {text_dim}-dim, the transformer takes {model_text_dim}")
         if problems:
             raise ValueError(
                 f"the cache in {self.cache.root} does not fit this transformer: " + "; ".join(problems) + "; run "
@@ -74,10 +75,15 @@ class TextConditioning:
 
     def batch(self, idx: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
         """(latents (b, C, h, w), model kwargs) for cache rows `idx`, the empty prompt where `drop`."""
-        latents, embeds, mask = self.cache.batch(idx)  # (b, C, h, w), (b, L, D), (b, L)
-        drop = drop.view(-1, 1)  # (b, 1)
-        embeds = torch.where(drop.unsqueeze(-1), self.cache.empty_prompt_embeds, embeds)  # (b, L, D)
-        mask = torch.where(drop, self.cache.empty_prompt_mask, mask)  # (b, L)
+        latents, text = self.cache.batch(idx)  # (b, C, h, w), {name: (b, ...)}
+        for key, value in text.items():
+            dropped = drop.view(-1, *([1] * (value.dim() - 1)))  # (b, 1, ...)
+            text[key] = torch.where(dropped, self.cache.empty_prompt[key], value).to(device)
+        if "pooled_projections" in text:  # SD3: joint attention over every text token, no mask
+            return latents.to(device), {
+                "encoder_hidden_states": text["prompt_embeds"],  # (b, L, D)
+                "pooled_projections": text["pooled_projections"],  # (b, P)
+            }
         resolution = float(self.cache.manifest["resolution"])
         batch = latents.shape[0]
         added = {"resolution": None, "aspect_ratio": None}
@@ -87,8 +93,8 @@ class TextConditioning:
                 "aspect_ratio": torch.ones(batch, 1, device=device),
             }
         return latents.to(device), {
-            "encoder_hidden_states": embeds.to(device),
-            "encoder_attention_mask": mask.to(device),
+            "encoder_hidden_states": text["prompt_embeds"],  # (b, L, D)
+            "encoder_attention_mask": text["prompt_attention_mask"],  # (b, L)
             "added_cond_kwargs": added,
         }
 

@@ -77,3 +77,99 @@ def write_caption_folder(folder: str | Path, count: int = 6, size: int = 20, see
         Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
         (folder / f"img{i:02d}.txt").write_text(f"a {WORDS[8 + i % 10]} on the {'left' if i % 2 else 'right'}")
     return folder
+
+
+def tiny_clip_tokenizer(folder: Path):
+    """A character-level CLIP tokenizer written offline (vocab.json + merges.txt with no merges)."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits:
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
+    return tokenizer, len(vocab)
+
+
+def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
+    """Save a random-weight StableDiffusion3Pipeline (two CLIP encoders, a T5, flow matching) to `folder`."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    clip_tokenizer, vocab_size = tiny_clip_tokenizer(folder.parent / f"{folder.name}-clip-vocab")
+
+    def clip():
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=16,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )  # fmt: skip
+        )
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=image_size,
+        shift_factor=0.1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 2,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    with torch.no_grad():  # adaLN-Zero starts as the identity: random modulation, so that blocks do something
+        for block in transformer.transformer_blocks:
+            block.norm1.linear.weight.normal_(0, 0.3)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip(),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=T5EncoderModel(
+            T5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+        ),  # fmt: skip
+        tokenizer_3=tiny_tokenizer(),
+    )
+    pipe.save_pretrained(folder)
+    return folder

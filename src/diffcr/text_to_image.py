@@ -86,6 +86,14 @@ def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs
     return pipe
 
 
+def pipeline_options(pipe) -> dict:
+    """Call options a pipeline kind needs: PixArt's resolution binning would snap sizes to its trained aspect
+    ratios (off, so that any size is what was asked), and its caption cleaning needs extra packages."""
+    if type(pipe).__name__.startswith("PixArt"):
+        return {"use_resolution_binning": False, "clean_caption": False}
+    return {}
+
+
 def image_seeds(num_prompts: int, cfg: PromptSampleConfig) -> list[tuple[int, int]]:
     """(prompt index, seed) of every image, in output order."""
     return [(p, cfg.seed + p * cfg.num_per_prompt + j) for p in range(num_prompts) for j in range(cfg.num_per_prompt)]
@@ -121,8 +129,7 @@ def sample_prompts(pipe, prompts: list[str], cfg: PromptSampleConfig, indices=No
             width=width,
             generator=generators,
             output_type="np",
-            use_resolution_binning=False,
-            clean_caption=False,
+            **pipeline_options(pipe),
         ).images  # (b, H, W, 3) floats in [0, 1]
         images.append(to_uint8(out))
     if not images:

@@ -145,7 +145,7 @@ def is_prepared_cache(data: str) -> bool:
 
 
 def load_text_to_image(base: str, data: str):
-    """(PixArt transformer, TextConditioning over the cache, a DDPM scheduler with the pipeline's noise schedule)."""
+    """(The pipeline's transformer, TextConditioning over the cache, the scheduler that defines its noising)."""
     from diffusers import DDPMScheduler
 
     from diffcr.data.latent_cache import LatentCaptionDataset, load_text_to_image_pipeline
@@ -155,9 +155,13 @@ def load_text_to_image(base: str, data: str):
     pipe = load_text_to_image_pipeline(base)
     cache.check_pipeline(pipe, base)
     transformer = pipe.transformer
-    # the forward process the pipeline's sampler inverts: same betas and prediction type, as a DDPM schedule
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    conditioning = TextConditioning(cache, bool(transformer.config.use_additional_conditions))
+    # the forward process the pipeline's sampler inverts: flow matching as it is (SD3), else the same betas and
+    # prediction type as a DDPM schedule (PixArt)
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        scheduler = pipe.scheduler
+    else:
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    conditioning = TextConditioning(cache, bool(transformer.config.get("use_additional_conditions")))
     return transformer, conditioning, scheduler
 
 

@@ -96,6 +96,24 @@ def _shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return tensor[rank * per : (rank + 1) * per]
 
 
+def is_flow_matching(scheduler) -> bool:
+    """Whether the scheduler is a flow-matching one (SD3, Flux): `FlowMatchEulerDiscreteScheduler` and kin."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def noised(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int):
+    """The noisy input at `timesteps` and what the model must predict there.
+
+    Flow matching (SD3): x_t = (1 - sigma) x_0 + sigma * noise with sigma = t / T, and the target is the velocity
+    noise - x_0; t is drawn uniformly like every timestep here (SD3's own recipe draws sigma from a logit-normal,
+    which weights the middle of the range more). Otherwise the scheduler's own forward process and prediction type.
+    """
+    if is_flow_matching(scheduler):
+        sigma = (timesteps.float() / num_train_timesteps).view(-1, *([1] * (sample.dim() - 1)))  # (b, 1, 1, 1)
+        return (1 - sigma) * sample + sigma * noise, noise - sample
+    return scheduler.add_noise(sample, noise, timesteps), diffusion_target(scheduler, sample, noise, timesteps)
+
+
 def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
     """What the model must predict, by the scheduler's own `prediction_type`."""
     kind = scheduler.config.prediction_type
@@ -298,14 +316,14 @@ def _train(
             clean, cond = conditioning.batch(idx, drop, device)  # (b, C, H, W), the model's condition kwargs
             noise = _shard(drawn["noise"], rank, world).to(device)
             timesteps = _shard(drawn["timesteps"], rank, world).to(device)  # (b,)
-            noisy = scheduler.add_noise(clean, noise, timesteps)
+            noisy, true_target = noised(scheduler, clean, noise, timesteps, num_train_timesteps)
 
             # 2. the loss: diffusion (or distillation) + lambda * ratio loss
             if teacher is not None:
                 with torch.no_grad(), accelerator.autocast():
                     target = model_prediction(teacher, noisy, timesteps, cond).float()
             else:
-                target = diffusion_target(scheduler, clean, noise, timesteps)
+                target = true_target
             with accelerator.autocast():
                 prediction = model_prediction(model, noisy, timesteps, cond)
             diffusion_loss = F.mse_loss(prediction.float(), target)

@@ -173,3 +173,66 @@ def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, image_size: int =
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_flux_pipeline(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
+    """Save a random-weight FluxPipeline (CLIP and T5 encoders, flow matching, packed latents) to `folder`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    clip_tokenizer, vocab_size = tiny_clip_tokenizer(folder.parent / f"{folder.name}-clip-vocab")
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )  # fmt: skip
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=image_size,
+        shift_factor=0.1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=[4, 4, 8],
+    )
+    with torch.no_grad():  # adaLN-Zero starts as the identity: random modulation, so that blocks do something
+        for module in transformer.modules():
+            if type(module).__name__ in ("AdaLayerNormZero", "AdaLayerNormZeroSingle"):
+                module.linear.weight.normal_(0, 0.3)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tiny_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder

@@ -56,8 +56,11 @@ def pipeline_router_maps(pipe, prompt: str, cfg, path: Path, layers: list[int] |
             captured[(calls["step"], layer)] = (hidden[-1:].detach(), calls["timestep"])  # the conditional half
 
     hooks = [transformer.register_forward_pre_hook(count_call, with_kwargs=True)]
+    from diffcr.adapters import get_adapter
+
+    blocks = get_adapter(transformer).blocks(transformer)  # Flux: double-stream, then single-stream blocks
     for layer in layers:
-        block = transformer.transformer_blocks[layer]
+        block = blocks[layer]
         hooks.append(
             block.register_forward_pre_hook(lambda m, a, k, layer=layer: grab(m, a, k, layer), with_kwargs=True)
         )
@@ -106,7 +109,10 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
     prompts = np.load(evaluation_dir / "samples.npz")["prompts"].tolist()
     pipe = load_pipeline(run["base"], run_artifact(run_dir))
     sched = diffcr.schedule(pipe.transformer)
-    cfg = PromptSampleConfig(steps=figures["steps"], guidance_scale=figures["guidance_scale"], batch_size=1)
+    size = int(np.load(evaluation_dir / "samples.npz")["dense"].shape[1])
+    cfg = PromptSampleConfig(
+        steps=figures["steps"], guidance_scale=figures["guidance_scale"], batch_size=1, height=size, width=size
+    )
     pictures = {
         "schedule": plot_schedule(sched.kept_ratio, sched.region_bounds, out_dir / "schedule.png"),
         "curves": plot_training_curves(

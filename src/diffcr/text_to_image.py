@@ -111,9 +111,11 @@ def sample_prompts(pipe, prompts: list[str], cfg: PromptSampleConfig, indices=No
         raise ValueError("give at least one prompt, and no empty prompt (use --negative-prompt for the CFG text)")
     plan = image_seeds(len(prompts), cfg)
     indices = list(range(len(plan))) if indices is None else list(indices)
-    height = cfg.height or pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    width = cfg.width or pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    from diffcr.data.latent_cache import default_resolution, size_multiple
+
+    height = cfg.height or default_resolution(pipe)
+    width = cfg.width or default_resolution(pipe)
+    multiple = size_multiple(pipe)
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple} (VAE factor x patch), got {height}x{width}")
     images = []

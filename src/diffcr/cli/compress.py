@@ -161,7 +161,12 @@ def load_text_to_image(base: str, data: str):
         scheduler = pipe.scheduler
     else:
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    conditioning = TextConditioning(cache, bool(transformer.config.get("use_additional_conditions")))
+    conditioning = TextConditioning(
+        cache,
+        use_additional_conditions=bool(transformer.config.get("use_additional_conditions")),
+        # Flux's transformer takes sigma in [0, 1] (its pipeline divides by 1000)
+        timestep_divisor=scheduler.config.num_train_timesteps if type(pipe).__name__ == "FluxPipeline" else 1.0,
+    )
     return transformer, conditioning, scheduler
 
 

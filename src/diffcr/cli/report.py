@@ -106,7 +106,9 @@ def report_text_to_image(run_dir: Path, run: dict, out, prompts, steps: int, ref
 
     evaluation = run_dir / "evaluation"
     if not (evaluation / "t2i_assessment.json").is_file():
-        texts = read_prompts(None, prompts) if prompts else LatentCaptionDataset(run["data"]).captions(4)
-        cfg = PromptSampleConfig(steps=steps, num_per_prompt=2, batch_size=2)
+        cache = LatentCaptionDataset(run["data"])
+        texts = read_prompts(None, prompts) if prompts else cache.captions(4)
+        size = cache.manifest["resolution"]  # the size the run trained at
+        cfg = PromptSampleConfig(steps=steps, num_per_prompt=2, batch_size=2, height=size, width=size)
         assess_text_to_image(run["base"], run_artifact(run_dir), texts, cfg, evaluation, reference, features, clip)
     return build_t2i_report(run_dir, evaluation, out)

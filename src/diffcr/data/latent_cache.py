@@ -26,7 +26,12 @@ CACHE_TYPE = "diffcr.LatentCaptionCache"
 CACHE_FORMAT = 1
 TRANSFORMER_KEYS = ("in_channels", "sample_size", "patch_size", "caption_channels")
 # pipeline class -> max_sequence_length of its text encoder (the pipeline's own default)
-TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120, "StableDiffusion3Pipeline": 256}
+TEXT_TO_IMAGE_PIPELINES = {
+    "PixArtSigmaPipeline": 300,
+    "PixArtAlphaPipeline": 120,
+    "StableDiffusion3Pipeline": 256,
+    "FluxPipeline": 512,
+}
 # text tensors a cache holds per record; SD3 adds the pooled projection of its CLIP encoders
 TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_projections")
 
@@ -93,8 +98,15 @@ def pipeline_identity(pipe, base: str | Path) -> dict:
 
 
 def default_resolution(pipe) -> int:
-    """The transformer's native image size in pixels."""
-    return int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+    """The transformer's native image size in pixels (Flux's transformer has none: its pipeline's default)."""
+    sample_size = pipe.transformer.config.get("sample_size") or pipe.default_sample_size
+    return int(sample_size) * int(pipe.vae_scale_factor)
+
+
+def size_multiple(pipe) -> int:
+    """What image sizes must be a multiple of: the VAE factor times the patch (Flux packs 2x2 latents)."""
+    patch = 2 if type(pipe).__name__.startswith("Flux") else int(pipe.transformer.config.patch_size)
+    return int(pipe.vae_scale_factor) * patch
 
 
 def load_image(path_or_image, resolution: int) -> torch.Tensor:
@@ -159,7 +171,7 @@ def prepare_cache(
     pipe = load_text_to_image_pipeline(base).to(device)
     identity = pipeline_identity(pipe, base)
     resolution = resolution or default_resolution(pipe)
-    multiple = identity["vae_scale_factor"] * int(pipe.transformer.config.patch_size)
+    multiple = size_multiple(pipe)
     if resolution < multiple or resolution % multiple:
         raise ValueError(f"--resolution {resolution} must be a positive multiple of {multiple} (VAE factor x patch)")
     settings = EncodeSettings(resolution, TEXT_TO_IMAGE_PIPELINES[identity["pipeline_class"]], batch_size, shard_size)
@@ -240,7 +252,13 @@ def _check_existing(out: Path, manifest: dict) -> None:
 def _encode_text(pipe, captions: list[str], settings: EncodeSettings, device) -> dict[str, torch.Tensor]:
     """The pipeline's own text encoding of `captions`: embeddings (n, L, D), attention mask (n, L) and, for SD3,
     the pooled projection (n, P)."""
-    if type(pipe).__name__ == "StableDiffusion3Pipeline":
+    if type(pipe).__name__ == "FluxPipeline":
+        embeds, pooled, _ = pipe.encode_prompt(
+            captions, None, device=device, max_sequence_length=settings.max_sequence_length
+        )  # text ids are all zero in Flux: not stored
+        mask = torch.ones(embeds.shape[:2])
+        extra = {"pooled_projections": pooled.float().cpu()}
+    elif type(pipe).__name__ == "StableDiffusion3Pipeline":
         embeds, _, pooled, _ = pipe.encode_prompt(
             captions,
             None,

@@ -16,6 +16,9 @@ import torch
 class ClassConditioning:
     """Class labels: a class-conditional DiT on an `ImageDataset` (images in [-1, 1])."""
 
+    def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model_prediction(model, noisy, timesteps, cond)
+
     dataset: object
     null_class: int
 
@@ -46,6 +49,12 @@ class TextConditioning:
 
     cache: object
     use_additional_conditions: bool = False
+    timestep_divisor: float = 1.0  # Flux's transformer takes sigma = t / T, not t
+
+    @property
+    def packed(self) -> bool:
+        """Flux: the transformer takes 2x2 latent patches as tokens, with position ids."""
+        return self.cache.manifest["pipeline"]["pipeline_class"] == "FluxPipeline"
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -61,7 +70,8 @@ class TextConditioning:
         text_dim = self.cache.manifest["text_shape"][1]
         model_text_dim = config.get("caption_channels") or config.get("joint_attention_dim")
         problems = []
-        if channels != config.in_channels:
+        takes = channels * 4 if self.packed else channels  # Flux packs 2x2 latent patches into one token
+        if takes != config.in_channels:
             problems.append(f"latents have {channels} channels, the transformer takes {config.in_channels}")
         if height % config.patch_size or width % config.patch_size:
             problems.append(f"latents of {height}x{width} do not split into patches of {config.patch_size}")
@@ -73,13 +83,35 @@ class TextConditioning:
                 "`diffcr prepare` with the pipeline you compress"
             )
 
+    def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The model's prediction (b, C, h, w); Flux's latents are packed into tokens and back."""
+        if not self.packed:
+            return model_prediction(model, noisy, timesteps, cond)
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = noisy.shape
+        tokens = FluxPipeline._pack_latents(noisy, batch, channels, height, width)  # (b, h*w/4, 4C)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype)
+        text_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        # a guidance-distilled Flux (dev) is fine-tuned at guidance 1 (no extra guidance baked in)
+        guidance = torch.ones(batch, device=noisy.device) if model.config.guidance_embeds else None
+        out = model(
+            hidden_states=tokens,
+            timestep=timesteps.float() / self.timestep_divisor,
+            guidance=guidance,
+            img_ids=image_ids,
+            txt_ids=text_ids,
+            **cond,
+        ).sample  # (b, h*w/4, 4C)
+        return FluxPipeline._unpack_latents(out, height, width, 1)  # (b, C, h, w)
+
     def batch(self, idx: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
         """(latents (b, C, h, w), model kwargs) for cache rows `idx`, the empty prompt where `drop`."""
         latents, text = self.cache.batch(idx)  # (b, C, h, w), {name: (b, ...)}
         for key, value in text.items():
             dropped = drop.view(-1, *([1] * (value.dim() - 1)))  # (b, 1, ...)
             text[key] = torch.where(dropped, self.cache.empty_prompt[key], value).to(device)
-        if "pooled_projections" in text:  # SD3: joint attention over every text token, no mask
+        if "pooled_projections" in text:  # SD3 and Flux: joint attention over every text token, no mask
             return latents.to(device), {
                 "encoder_hidden_states": text["prompt_embeds"],  # (b, L, D)
                 "pooled_projections": text["pooled_projections"],  # (b, P)

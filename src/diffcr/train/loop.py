@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcr.checkpoint import CheckpointError, check_writable_dir, latest_checkpoint, run_lock, write_json_atomic
-from diffcr.train.conditioning import as_conditioning, model_prediction
+from diffcr.train.conditioning import as_conditioning
 from diffcr.train.config import (
     TrainConfig,
     TrainingInterrupted,
@@ -321,11 +321,11 @@ def _train(
             # 2. the loss: diffusion (or distillation) + lambda * ratio loss
             if teacher is not None:
                 with torch.no_grad(), accelerator.autocast():
-                    target = model_prediction(teacher, noisy, timesteps, cond).float()
+                    target = conditioning.predict(teacher, noisy, timesteps, cond).float()
             else:
                 target = true_target
             with accelerator.autocast():
-                prediction = model_prediction(model, noisy, timesteps, cond)
+                prediction = conditioning.predict(model, noisy, timesteps, cond)
             diffusion_loss = F.mse_loss(prediction.float(), target)
             loss = diffusion_loss
             ratio_loss = mean_kept = None

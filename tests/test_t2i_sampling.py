@@ -86,7 +86,8 @@ def test_npz_holds_images_and_their_prompts(tmp_path):
     ("kwargs", "message"),
     [
         ({"guidance_scale": float("nan")}, "guidance_scale=nan must be a finite number"),
-        ({"steps": 0}, "steps=0 must be an integer >= 1"),
+        ({"steps": 0}, r"steps=0 must be an integer in \[1, 1000\]"),
+        ({"num_per_prompt": 10**8}, r"num_per_prompt=100000000 must be an integer in \[1, 10000\]"),
         ({"seed": -1}, "seed=-1 must be an integer"),
         ({"height": 3}, "height=3 must be an integer >= 8"),
     ],

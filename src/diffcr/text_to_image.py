@@ -43,10 +43,12 @@ class PromptSampleConfig:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("steps", "num_per_prompt", "batch_size"):
+        # the highest values stop typos (10**8) before a run that would never end
+        limits = {"steps": 1000, "num_per_prompt": 10_000, "batch_size": 4096}
+        for name, high in limits.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name}={value!r} must be an integer in [1, {high}]")
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a finite number (PixArt uses 4.5)")
         if self.guidance_scale < 0:

@@ -151,3 +151,50 @@ def test_distill_and_micro_conditions(prepared, tmp_path):
     assert (
         conditions["resolution"].tolist() == [[16.0, 16.0]] * 4 and conditions["aspect_ratio"].tolist() == [[1.0]] * 4
     )
+
+
+def test_paths_spelled_differently_are_the_same_run_and_cache(prepared, tmp_path, monkeypatch):
+    root, pipe, cache = prepared
+    monkeypatch.chdir(root)
+    assert invoke(*compress_args("pipe", "cache", tmp_path / "r", 2, "--mode", "routers")).exit_code == 0
+    result = invoke(*compress_args("./pipe/", "cache/", tmp_path / "r", 3, "--mode", "routers", "--resume"))
+    assert result.exit_code == 0, result.output
+    result = invoke("prepare", "--base", root / "pipe", "--data", root / "data", "--out", "cache", "--shard-size", 4)
+    assert result.exit_code == 0, result.output  # the same pipeline, by its absolute path
+
+
+def test_prepare_reencodes_a_shard_whose_records_changed(tmp_path, prepared):
+    _, pipe, _ = prepared
+    data = write_caption_folder(tmp_path / "data", count=2)
+    assert invoke("prepare", "--base", pipe, "--data", data, "--out", tmp_path / "c").exit_code == 0
+    (data / "img01.txt").write_text("two red dogs")
+    assert invoke("prepare", "--base", pipe, "--data", data, "--out", tmp_path / "c").exit_code == 0
+    from diffcr.data.latent_cache import LatentCaptionDataset
+
+    assert LatentCaptionDataset(tmp_path / "c").captions(2) == ["a zero on the right", "two red dogs"]
+
+
+def test_more_bad_text_to_image_inputs(prepared, compressed, tmp_path):
+    root, pipe, cache = prepared
+    for value in (0, 100000):
+        result = invoke(
+            "prepare", "--base", pipe, "--data", root / "data", "--out", tmp_path / "c", "--resolution", value
+        )
+        assert result.exit_code == 2 and "--resolution" in result.output and not (tmp_path / "c").exists()
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model_index.json").write_text("[1, 2]")
+    result = invoke("prepare", "--base", odd, "--data", root / "data", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "not a pipeline's object" in result.output
+    result = invoke("sample", "--base", pipe, "--artifact", "none", "--prompt", "a cat", "--out", tmp_path / "s.png",
+                    "--npz", tmp_path / "s.arr")  # fmt: skip
+    assert result.exit_code == 2 and "must end in .npz" in result.output
+    result = invoke("evaluate", "--base", pipe, "--artifact", "none", "--prompt", "a cat", "--out", tmp_path / "e")
+    assert result.exit_code == 2 and "compare the dense pipeline with itself" in result.output
+    result = invoke("evaluate", "--base", pipe, "--artifact", compressed / "artifact", "--prompt", "a cat",
+                    "--out", tmp_path / "e", "--clip", root)  # fmt: skip
+    assert result.exit_code == 2 and "holds no CLIP model" in result.output and not (tmp_path / "e").exists()
+    other = build_tiny_pixart_pipeline(tmp_path / "other", micro_conditions=True)  # another architecture
+    result = invoke("sample", "--base", other, "--artifact", compressed / "model", "--prompt", "a cat",
+                    "--out", tmp_path / "o.png")  # fmt: skip
+    assert result.exit_code == 2 and "is not this pipeline's" in result.output

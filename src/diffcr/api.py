@@ -316,7 +316,17 @@ def _artifact_description(model) -> dict:
         "num_train_timesteps": controller.num_train_timesteps,
         "frozen": controller.frozen_schedule is not None,
         "schedule": schedule(model).kept_ratio,
+        "model_shape": _model_shape(model),
     }
+
+
+SHAPE_KEYS = ("in_channels", "out_channels", "patch_size", "sample_size")
+
+
+def _model_shape(model) -> dict:
+    """What besides depth and width tells models apart: a router trained on one does not fit another."""
+    config = getattr(model, "config", {}) or {}
+    return {key: config.get(key) for key in SHAPE_KEYS}
 
 
 def save(model, path: str | os.PathLike) -> Path:
@@ -467,6 +477,8 @@ def load(model, path: str | os.PathLike):
         "num_layers": len(adapter.blocks(model)),
         "hidden_size": adapter.hidden_size(model),
     }
+    if "model_shape" in description:  # artifacts written before it was recorded lack it
+        expected["model_shape"] = _model_shape(model)
     mismatches = [
         f"{key}: artifact {description.get(key)!r}, model {value!r}"
         for key, value in expected.items()

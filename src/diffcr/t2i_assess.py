@@ -43,7 +43,16 @@ class ClipImageFeatures(nn.Module):
 def feature_extractor(features: str):
     """The FID feature network named by `features` (see `FEATURES_HELP`)."""
     if features == "inception":
-        return 2048  # torchmetrics' own Inception; it needs torch-fidelity and downloads weights once
+        # torchmetrics' own Inception needs torch-fidelity and its weights: find out now, not after sampling
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        try:
+            FrechetInceptionDistance(feature=2048)
+        except (ImportError, ModuleNotFoundError, RuntimeError, OSError) as err:
+            raise ValueError(
+                f"Inception FID is not available here ({err}); pass --features clip:PATH with a local CLIP model"
+            ) from err
+        return 2048
     if features.startswith("clip:"):
         path = Path(features[len("clip:") :])
         if not path.is_dir():
@@ -65,6 +74,24 @@ def fid(reference: torch.Tensor, images: np.ndarray, features) -> float:
     metric.update(reference, real=True)
     metric.update(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), real=False)
     return float(metric.compute())
+
+
+def check_clip_model(model_path: str | Path) -> None:
+    """Refuse a --clip folder that holds no CLIP model, before any image is made."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--clip {model_path}: no local CLIP model folder there")
+    config = folder / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        model_type = None
+    weights = [p for p in folder.glob("*.safetensors")]
+    if model_type != "clip" or not weights:
+        raise ValueError(
+            f"--clip {model_path} holds no CLIP model (a transformers CLIPModel folder: config.json with model_type "
+            "'clip', safetensors weights and the processor files)"
+        )
 
 
 def clip_score(images: np.ndarray, prompts: list[str], model_path: str | Path) -> float:
@@ -139,9 +166,13 @@ def assess_text_to_image(
     from diffcr.evaluation import psnr_ssim
     from diffcr.text_to_image import image_seeds, load_pipeline, sample_prompts
 
+    if artifact is None or str(artifact) == "none":
+        raise ValueError("--artifact none would compare the dense pipeline with itself; pass a DiffCR artifact folder")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fid_features = feature_extractor(features) if reference is not None else None
+    real = load_reference(reference, cfg.height or 0) if reference is not None and cfg.height else None
+    if clip_model is not None:
+        check_clip_model(clip_model)
     dense = load_pipeline(base, "none")
     routed = load_pipeline(base, artifact)
     device = dense.transformer.device
@@ -181,14 +212,16 @@ def assess_text_to_image(
         "mean_kept_ratio": float(np.mean(_kept_table(routed.transformer))),
     }
     if reference is not None:
-        real = load_reference(reference, images["dense"].shape[1])
+        real = real if real is not None else load_reference(reference, images["dense"].shape[1])
         result["fid"] = {name: fid(real, batch, fid_features) for name, batch in images.items()}
         result["fid_features"] = features
         result["num_reference"] = int(real.shape[0])
     if clip_model is not None:
         per_image = [prompts[p] for p, _ in image_seeds(len(prompts), cfg)]
         result["clip_score"] = {name: clip_score(batch, per_image, clip_model) for name, batch in images.items()}
-    np.savez(out_dir / "samples.npz", dense=images["dense"], diffcr=images["diffcr"], prompts=np.asarray(prompts))
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves no folder behind
+    per_image = np.asarray([prompts[p] for p, _ in image_seeds(len(prompts), cfg)])
+    np.savez(out_dir / "samples.npz", dense=images["dense"], diffcr=images["diffcr"], prompts=per_image)
     pairs_figure(out_dir / "pairs.png", images, prompts, cfg)
     (out_dir / "t2i_assessment.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -106,7 +106,7 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     run = json.loads((run_dir / "run.json").read_text())
     figures = json.loads((evaluation_dir / "t2i_assessment.json").read_text())
-    prompts = np.load(evaluation_dir / "samples.npz")["prompts"].tolist()
+    prompts = list(dict.fromkeys(np.load(evaluation_dir / "samples.npz")["prompts"].tolist()))  # in order, once
     pipe = load_pipeline(run["base"], run_artifact(run_dir))
     sched = diffcr.schedule(pipe.transformer)
     size = int(np.load(evaluation_dir / "samples.npz")["dense"].shape[1])

@@ -30,7 +30,8 @@ class PromptSampleConfig:
         num_per_prompt: images per prompt.
         seed: image i uses `seed + i`.
         height, width: pixels; None = the transformer's native size.
-        batch_size: images per pipeline call (results do not depend on it).
+        batch_size: images per pipeline call. 1 (the default) gives exactly the plain pipeline's images for each
+            seed; a larger batch can differ by one level in rare pixels (batched kernels sum in another order).
     """
 
     steps: int = 20
@@ -40,7 +41,7 @@ class PromptSampleConfig:
     seed: int = 0
     height: int | None = None
     width: int | None = None
-    batch_size: int = 4
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         # the highest values stop typos (10**8) before a run that would never end
@@ -81,6 +82,7 @@ def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs
         raise FileNotFoundError(f"no DiffCR artifact folder at {folder}; pass --artifact DIR or none")
     if (folder / "config.json").is_file():
         transformer = diffcr.from_pretrained(folder, torch_dtype=pipe.transformer.dtype)
+        check_same_architecture(transformer, pipe.transformer, folder)
         pipe.transformer = transformer.to(pipe.transformer.device)
     else:
         diffcr.load(pipe.transformer, folder)
@@ -94,6 +96,18 @@ def pipeline_options(pipe) -> dict:
     if type(pipe).__name__.startswith("PixArt"):
         return {"use_resolution_binning": False, "clean_caption": False}
     return {}
+
+
+def check_same_architecture(transformer, pipeline_transformer, folder) -> None:
+    """Refuse a fine-tuned transformer that is not the pipeline's own architecture (it would sample nonsense)."""
+    ours = {k: v for k, v in pipeline_transformer.config.items() if not k.startswith("_")}
+    theirs = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(
+            f"the transformer in {folder} is not this pipeline's: it differs in {differ[:6]}; pass the artifact of "
+            "a run on this pipeline"
+        )
 
 
 def image_seeds(num_prompts: int, cfg: PromptSampleConfig) -> list[tuple[int, int]]:
@@ -147,11 +161,13 @@ def to_uint8(images) -> np.ndarray:
 
 
 def save_images(folder: str | Path, images: np.ndarray, prompts: list[str], cfg: PromptSampleConfig) -> list[Path]:
-    """One PNG per image, named by prompt index and seed."""
+    """One PNG per image, named by prompt index and seed (those of an earlier run in the folder are replaced)."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("[0-9][0-9][0-9][0-9]-seed*.png"):
+        stale.unlink()
     paths = []
     for image, (prompt_idx, seed) in zip(images, image_seeds(len(prompts), cfg)):
         path = folder / f"{prompt_idx:04d}-seed{seed}.png"
@@ -178,7 +194,8 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
         return [prompt]
     path = Path(prompts_file)
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path} does not exist (a text file, one prompt a line)")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"--prompts {path} {what}; pass a text file, one prompt a line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:

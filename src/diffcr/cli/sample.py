@@ -29,7 +29,7 @@ def sample(
     scheduler: str = typer.Option("ddim", help="ddim or dpm (DPM-Solver++)"),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(None, help="classifier-free guidance (default 3.0; 4.5 for text)"),
-    batch_size: int = typer.Option(None, help="images per model call (default 50; 4 for text); same images"),
+    batch_size: int = typer.Option(None, help="images per model call (default 50; 1 for text, exact per seed)"),
     out: Path = typer.Option(
         Path("samples.png"), help="PNG grid (one row per class or prompt); text-to-image also writes each image"
     ),
@@ -61,7 +61,7 @@ def sample(
         options = dict(negative_prompt=negative_prompt, height=height, width=width, num=num, seed=seed, steps=steps)
         options.update(
             guidance_scale=4.5 if guidance_scale is None else guidance_scale,
-            batch_size=4 if batch_size is None else batch_size,
+            batch_size=1 if batch_size is None else batch_size,
         )
         return sample_text(base, artifact, prompt, prompts, out, npz, threads, **options)
     from diffcr.data.latent_cache import is_text_to_image_pipeline
@@ -151,8 +151,15 @@ def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | Non
     )
     check_writable_file(out, "--out")
     image_format(out)
+    folder = out.with_suffix("")  # each image goes here
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {out}: the images go to the folder {folder}, which is a file; choose another --out")
     if npz is not None:
         check_writable_file(npz, "--npz")
+        if npz.suffix != ".npz":
+            raise ValueError(f"--npz {npz} must end in .npz (numpy would add the suffix to the name)")
+        if npz.resolve() == out.resolve():
+            raise ValueError(f"--npz and --out are the same file {out}; give them different names")
 
     # 2. the pipeline and this process's share of the images
     torch.set_num_threads(threads)
@@ -172,7 +179,6 @@ def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | Non
         images = np.stack(ordered)
 
     # 3. the outputs: each image, the grid (one row per prompt), the npz
-    folder = out.with_suffix("")
     save_images(folder, images, texts, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(out, array_grid(images, cfg.num_per_prompt))

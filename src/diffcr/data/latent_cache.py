@@ -34,6 +34,7 @@ TEXT_TO_IMAGE_PIPELINES = {
 }
 # text tensors a cache holds per record; SD3 adds the pooled projection of its CLIP encoders
 TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_projections")
+MAX_RESOLUTION = 8192  # pixels; a typo (100000) would not fit in memory
 
 
 def pipeline_class_name(base: str | Path) -> str:
@@ -46,6 +47,8 @@ def pipeline_class_name(base: str | Path) -> str:
         raise ValueError(
             f"{base} is not a diffusers pipeline folder or repo id (no readable model_index.json): {err}"
         ) from err
+    if not isinstance(index, dict):
+        raise ValueError(f"{base}: model_index.json holds a JSON {type(index).__name__}, not a pipeline's object")
     return str(index.get("_class_name"))
 
 
@@ -163,14 +166,17 @@ def prepare_cache(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    from diffcr.checkpoint import check_writable_dir
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder for the cache")
+    check_writable_dir(out, "--out")
+    if resolution is not None and (isinstance(resolution, bool) or not 1 <= resolution <= MAX_RESOLUTION):
+        raise ValueError(f"--resolution {resolution} must be in [1, {MAX_RESOLUTION}] pixels (or omitted: native size)")
     source = read_caption_source(src)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_text_to_image_pipeline(base).to(device)
     identity = pipeline_identity(pipe, base)
-    resolution = resolution or default_resolution(pipe)
+    resolution = default_resolution(pipe) if resolution is None else resolution
     multiple = size_multiple(pipe)
     if resolution < multiple or resolution % multiple:
         raise ValueError(f"--resolution {resolution} must be a positive multiple of {multiple} (VAE factor x patch)")
@@ -202,8 +208,11 @@ def prepare_cache(
         for index in range(num_shards):
             chunk = records[index * shard_size : (index + 1) * shard_size]
             path = out / f"shard-{index:05d}.safetensors"
-            if path.is_file():  # finished by an earlier run (shards are written atomically)
-                shards.append(_shard_entry(path))
+            fingerprint = _fingerprint(chunk)
+            entry = _shard_entry(path) if path.is_file() else None
+            if entry is not None and entry.pop("fingerprint") == fingerprint:
+                # finished by an earlier run on the same records (shards are written atomically)
+                shards.append(entry)
                 skipped += shards[-1].pop("skipped")
                 bar.update(len(chunk))
                 continue
@@ -212,7 +221,12 @@ def prepare_cache(
             for name, why in bad:
                 logger.warning("skipped %s: %s", name, why)
             captions = [r.caption for r in chunk if r.name in set(names)]
-            metadata = {"names": json.dumps(names), "captions": json.dumps(captions), "skipped": json.dumps(bad)}
+            metadata = {
+                "names": json.dumps(names),
+                "captions": json.dumps(captions),
+                "skipped": json.dumps(bad),
+                "fingerprint": fingerprint,
+            }
             save_file_atomic(tensors, path, metadata=metadata)
             shards.append({"file": path.name, "count": len(names)})
         bar.close()
@@ -240,7 +254,12 @@ def _check_existing(out: Path, manifest: dict) -> None:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); delete the folder and run prepare again") from err
     keys = ("pipeline", "resolution", "max_sequence_length", "num_records", "shard_size")
-    differ = [k for k in keys if existing.get(k) != manifest[k]]
+
+    def comparable(payload: dict, key: str):  # where the pipeline was loaded from is not what it is
+        value = payload.get(key)
+        return {k: v for k, v in value.items() if k != "source"} if key == "pipeline" and value else value
+
+    differ = [k for k in keys if comparable(existing, k) != comparable(manifest, k)]
     if differ:
         raise ValueError(
             f"{out} holds a cache made with another {', '.join(differ)} "
@@ -318,6 +337,17 @@ def _as_model_input(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.long() if key == "prompt_attention_mask" else tensor.float()
 
 
+def _fingerprint(chunk) -> str:
+    """What a shard was made from: each record's name and caption, and the image file's size and time."""
+    import hashlib
+
+    parts = []
+    for record in chunk:
+        stat = Path(record.image).stat() if isinstance(record.image, (str, Path)) else None
+        parts.append([record.name, record.caption, stat and stat.st_size, stat and stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
 def _shard_entry(path: Path) -> dict:
     from safetensors import safe_open
 
@@ -328,6 +358,7 @@ def _shard_entry(path: Path) -> dict:
         "file": path.name,
         "count": len(names),
         "skipped": [tuple(x) for x in json.loads(metadata.get("skipped", "[]"))],
+        "fingerprint": metadata.get("fingerprint"),
     }
 
 

@@ -194,10 +194,19 @@ def _check_same_run(run_dir: Path, saved: dict, base_model, diffcr_config, cfg: 
         if stored != given:
             problems.append(f"the DiffCR config differs (saved {stored}, given {given})")
     for key, value in (run_info or {}).items():
-        if key in saved and saved[key] != value:
+        if key in saved and not _same_source(saved[key], value):
             problems.append(f"{key} differs (saved {saved[key]!r}, given {value!r})")
     if problems:
         raise ValueError(f"cannot resume {run_dir}: " + "; ".join(problems))
+
+
+def _same_source(saved, given) -> bool:
+    """The same value, or two spellings of one existing path ("cache", "cache/", "./cache", absolute)."""
+    if saved == given:
+        return True
+    if not isinstance(saved, str) or not isinstance(given, str):
+        return False
+    return Path(saved).exists() and Path(given).exists() and Path(saved).resolve() == Path(given).resolve()
 
 
 def _checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, cfg: TrainConfig) -> None:

@@ -126,6 +126,18 @@ def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def _run_description(cfg: TrainConfig, base_model, scheduler, conditioning, extra: dict) -> dict:
+    """`run.json`: what a resumed run must match, and what a report shows."""
+    return {
+        "train": asdict(cfg),
+        "model_class": type(base_model).__name__,
+        "model_config": dict(base_model.config),
+        "scheduler_config": dict(scheduler.config),
+        "num_train_images": len(conditioning),
+        **extra,
+    }
+
+
 def _lr_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
@@ -278,18 +290,8 @@ def _train(
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            run_dir / "run.json",
-            {
-                "train": asdict(cfg),
-                "diffcr": diffcr_config.to_dict() if routed else None,
-                "model_class": type(base_model).__name__,
-                "model_config": dict(base_model.config),
-                "scheduler_config": dict(scheduler.config),
-                "num_train_images": len(conditioning),
-                **(run_info or {}),
-            },
-        )
+        description = {"diffcr": diffcr_config.to_dict() if routed else None, **(run_info or {})}
+        write_json_atomic(run_dir / "run.json", _run_description(cfg, base_model, scheduler, conditioning, description))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     model, optimizer = accelerator.prepare(model, optimizer)

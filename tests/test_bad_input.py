@@ -534,3 +534,13 @@ def test_report_refuses_a_classifier_for_other_images(tmp_path):
     (run / "run.json").write_text(json.dumps({"train": {"mode": "routers"}, "model_config": model_config}))
     refused(invoke("report", run), "judges 1x32x32 images", "makes 1x8x8 images", "--classifier")
     assert sorted(p.name for p in run.iterdir()) == ["artifact", "run.json"]
+
+
+def test_messages_name_the_flag_a_person_typed():
+    from diffcr.cli.common import with_flag_names
+
+    assert (
+        with_flag_names("label_drop_prob=nan must be in [0, 1)") == "--drop-prob: label_drop_prob=nan must be in [0, 1)"
+    )
+    assert with_flag_names("ratio_loss_weight=1e+30 must be in [0, 10000]").startswith("--lambda: ratio_loss_weight=")
+    assert with_flag_names("the folder x is missing") == "the folder x is missing"

@@ -119,3 +119,13 @@ def test_datasets_source(tmp_path):
     table.select([0]).remove_columns("caption").save_to_disk(str(tmp_path / "nocap"))
     with pytest.raises(ValueError, match="needs 'image' and 'caption' columns"):
         read_caption_source(tmp_path / "nocap")
+
+
+def test_prepare_with_no_readable_image_leaves_no_folder(tmp_path, pipeline_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not an image")
+    (data / "a.txt").write_text("a cat")
+    with pytest.raises(ValueError, match="no image of .* could be encoded"):
+        prepare_cache(pipeline_dir, data, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()

@@ -24,13 +24,49 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, FileExistsError, TypeError, TrainingDiverged, RunInUse) as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {with_flag_names(str(err))}", err=True)
             raise typer.Exit(code=2) from err
         except KeyboardInterrupt as err:
             typer.echo(f"interrupted: {err}" if str(err) else "interrupted", err=True)
             raise typer.Exit(code=130) from err
 
     return wrapper
+
+
+# the library's configs name their fields; a person typed the flag
+FLAG_OF_FIELD = {
+    "label_drop_prob": "--drop-prob",
+    "max_minutes": "--minutes",
+    "target_kept_ratio": "--target",
+    "ratio_loss_weight": "--lambda",
+    "timestep_regions": "--regions",
+    "num_per_prompt": "--num",
+    "num_threads": "--threads",
+    "router_lr": "--router-lr",
+    "ratio_lr": "--ratio-lr",
+    "weight_decay": "--weight-decay",
+    "grad_clip": "--grad-clip",
+    "warmup_steps": "--warmup-steps",
+    "checkpoint_every": "--checkpoint-every",
+    "lora_rank": "--lora-rank",
+    "batch_size": "--batch-size",
+    "guidance_scale": "--guidance-scale",
+    "steps": "--steps",
+    "seed": "--seed",
+    "lr": "--lr",
+}
+
+
+def with_flag_names(message: str) -> str:
+    """`label_drop_prob=nan must ...` -> `--drop-prob: label_drop_prob=nan must ...`: the flag a person typed."""
+    import re
+
+    def name_flag(match: re.Match) -> str:
+        field, value = match.group(1), match.group(2)
+        return f"{FLAG_OF_FIELD[field]}: {field}={value}"
+
+    fields = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({fields})=(\S+?)(?=[\s,;:)]|$)", name_flag, message, count=1)
 
 
 def check_int(option: str, value: int, low: int, high: int, why: str = "") -> None:

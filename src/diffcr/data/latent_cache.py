@@ -195,6 +195,7 @@ def prepare_cache(
         "complete": False,
     }
     _check_existing(out, manifest)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / MANIFEST, manifest)
     for name, why in source.skipped:
@@ -232,6 +233,10 @@ def prepare_cache(
         bar.close()
     counts = [s["count"] for s in shards]
     if not sum(counts):
+        if created:  # nothing usable: leave no half-made cache behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
         raise ValueError(f"no image of {src} could be encoded; skipped: {skipped[:5]}")
     manifest.update(
         complete=True,

@@ -17,18 +17,11 @@ def tiny_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
-def build_tiny_pixart_pipeline(
-    folder: str | Path, seed: int = 0, image_size: int = 16, micro_conditions: bool = False
-) -> Path:
-    """Save a random-weight PixArtSigmaPipeline (4-channel latents at image_size / 2, 2 blocks) to `folder`."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+def tiny_vae(image_size: int, **options):
+    """A random `AutoencoderKL`: RGB to 4 latent channels at half the size."""
+    from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    )
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -37,7 +30,22 @@ def build_tiny_pixart_pipeline(
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=image_size,
+        **options,
     )
+
+
+def build_tiny_pixart_pipeline(
+    folder: str | Path, seed: int = 0, image_size: int = 16, micro_conditions: bool = False
+) -> Path:
+    """Save a random-weight PixArtSigmaPipeline (4-channel latents at image_size / 2, 2 blocks) to `folder`."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    )
+    vae = tiny_vae(image_size)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=12 if micro_conditions else 8,  # micro-conditions split the width in 3
@@ -102,7 +110,6 @@ def tiny_clip_tokenizer(folder: Path):
 def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
     """Save a random-weight StableDiffusion3Pipeline (two CLIP encoders, a T5, flow matching) to `folder`."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -129,19 +136,7 @@ def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, image_size: int =
             )  # fmt: skip
         )
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=image_size,
-        shift_factor=0.1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(image_size, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False)
     transformer = SD3Transformer2DModel(
         sample_size=image_size // 2,
         patch_size=2,
@@ -177,7 +172,7 @@ def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, image_size: int =
 
 def build_tiny_flux_pipeline(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
     """Save a random-weight FluxPipeline (CLIP and T5 encoders, flow matching, packed latents) to `folder`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -196,19 +191,7 @@ def build_tiny_flux_pipeline(folder: str | Path, seed: int = 0, image_size: int 
             pad_token_id=1,
         )  # fmt: skip
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=image_size,
-        shift_factor=0.1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(image_size, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,

@@ -49,9 +49,7 @@ def compress(
 
     import diffcr
     from diffcr.checkpoint import run_lock
-    from diffcr.cli.common import check_base_data_fit, check_new_run_dir
-    from diffcr.data import load_dataset
-    from diffcr.models import load_base_model
+    from diffcr.cli.common import check_new_run_dir
     from diffcr.models.tiny_dit import SCHEDULER_CONFIG
     from diffcr.train import (
         TrainConfig,
@@ -102,17 +100,11 @@ def compress(
     check_new_run_dir(out, resume)
 
     # 2. the base model, then the data at its image size and with the images' own channels (checked against it)
-    scheduler = None
     if text:
         model, train_set, scheduler = load_text_to_image(base, data)
         check_diffcr_config(diffcr_config, scheduler.config.num_train_timesteps)
     else:
-        model = load_base_model(base)
-        folder = data not in (None, "mnist5k")
-        train_set, _ = load_dataset(
-            data, image_size=model.config.sample_size if folder else 32, channels=None if folder else 1
-        )
-        check_base_data_fit(model, train_set, data)
+        (model, train_set), scheduler = load_class_conditional(base, data), None
 
     # 3. train and write, holding the run folder against a second run into the same --out
     torch.manual_seed(seed)
@@ -136,6 +128,21 @@ def compress(
         f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
         + ", ".join(f"{k}: {v}" for k, v in written.items())
     )
+
+
+def load_class_conditional(base: str, data: str):
+    """(The base DiT, the images at its size with their own channels), checked against each other."""
+    from diffcr.cli.common import check_base_data_fit
+    from diffcr.data import load_dataset
+    from diffcr.models import load_base_model
+
+    model = load_base_model(base)
+    folder = data not in (None, "mnist5k")
+    train_set, _ = load_dataset(
+        data, image_size=model.config.sample_size if folder else 32, channels=None if folder else 1
+    )
+    check_base_data_fit(model, train_set, data)
+    return model, train_set
 
 
 def is_prepared_cache(data: str) -> bool:

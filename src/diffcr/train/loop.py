@@ -126,6 +126,18 @@ def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def _log_step(row: dict, metrics_file, bar) -> None:
+    """One row of `metrics.jsonl` (main process) and the progress bar's figures."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+    postfix = {"loss": f"{row['diffusion_loss']:.4f}"}
+    if "ratio_loss" in row:
+        postfix.update(ratio=f"{row['ratio_loss']:.4f}", kept=f"{row['mean_kept_ratio']:.3f}")
+    bar.set_postfix(postfix)
+    bar.update(1)
+
+
 def _run_description(cfg: TrainConfig, base_model, scheduler, conditioning, extra: dict) -> dict:
     """`run.json`: what a resumed run must match, and what a report shows."""
     return {
@@ -359,16 +371,8 @@ def _train(
                 "seconds": round(time.perf_counter() - started, 3),
             }
             if routed:
-                row["ratio_loss"] = ratio_loss.item()
-                row["mean_kept_ratio"] = float(mean_kept)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            postfix = {"loss": f"{row['diffusion_loss']:.4f}"}
-            if routed:
-                postfix.update(ratio=f"{row['ratio_loss']:.4f}", kept=f"{row['mean_kept_ratio']:.3f}")
-            bar.set_postfix(postfix)
-            bar.update(1)
+                row.update(ratio_loss=ratio_loss.item(), mean_kept_ratio=float(mean_kept))
+            _log_step(row, metrics_file, bar)
             out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) > cfg.max_minutes * 60
             if world > 1:  # every rank must stop (and checkpoint) at the same step
                 flag = torch.tensor([float(out_of_time)], device=device)

@@ -15,6 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 import diffcr  # noqa: E402
 from diffcr.sampling import SampleConfig, class_labels, sample_sharded  # noqa: E402
 from diffcr.train import train  # noqa: E402
+from diffcr.train.loop import end_distributed  # noqa: E402
 from test_training import config, tiny_base, tiny_data  # noqa: E402
 
 out = Path(sys.argv[1])
@@ -31,3 +32,6 @@ payload = {"digest": digest, "world": accelerator.num_processes}
 if images is not None:
     payload["images"] = images.flatten().tolist()
 (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(payload))
+
+# a rank that exits with gloo's threads still running can abort after its work is done
+end_distributed()

@@ -30,7 +30,12 @@ def _register() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _register()
-    app()
+    try:
+        app()
+    finally:
+        from diffcr.train.loop import end_distributed
+
+        end_distributed()
 
 
 _register()

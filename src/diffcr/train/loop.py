@@ -55,6 +55,18 @@ def is_main_process() -> bool:
     return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
+def end_distributed() -> None:
+    """Leave the process group cleanly when this process is one of several.
+
+    Without it, gloo's worker threads are still alive when the interpreter exits, and a rank can abort with
+    "terminate called without an active exception" after its work is done: the launcher then reports failure.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    # no barrier: a rank that failed must not leave the others waiting for it
+    torch.distributed.destroy_process_group()
+
+
 def disable_label_dropout(model: torch.nn.Module) -> None:
     """Stop diffusers' DiT blocks from dropping class labels on their own in train mode.
 

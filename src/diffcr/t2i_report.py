@@ -133,6 +133,8 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
         if key in figures:
             rows.append((label, figures[key]["dense"], figures[key]["diffcr"]))
 
+    rows += _scene_rows(evaluation_dir)
+
     def cell(value) -> str:
         return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
 
@@ -157,3 +159,35 @@ dense and DiffCR batches alternating from the same seeds.</p>
 {_embed(pictures["curves"])}
 """
     return write_page(out_dir / "report.html", f"diffcr report: {run_dir.name}", body)
+
+
+def _scene_rows(evaluation_dir: Path) -> list[tuple]:
+    """The digit-scene judge's rows (`diffcr demo --task t2i`), when the evaluation has them."""
+    path = evaluation_dir / "scene_judgement.json"
+    if not path.is_file():
+        return []
+    judged = json.loads(path.read_text())
+    dense, routed = judged["dense"], judged["diffcr"]
+
+    def pct(value: float) -> str:
+        return f"{value:.1%}"
+
+    rows = [
+        ("prompt accuracy: digits at their slot", *(pct(d["accuracy"]["digit_accuracy"]) for d in (dense, routed))),
+        ("prompt accuracy: empty slots empty", *(pct(d["accuracy"]["empty_accuracy"]) for d in (dense, routed))),
+        ("prompt accuracy: whole image right", *(pct(d["accuracy"]["image_accuracy"]) for d in (dense, routed))),
+    ]
+    for kind, part in dense["accuracy"]["by_kind"].items():
+        other = routed["accuracy"]["by_kind"][kind]
+        rows.append((f"digits right, {kind} prompts", pct(part["digit_accuracy"]), pct(other["digit_accuracy"])))
+    rows.append((f"feature FID vs {judged['num_reference']} held-out scenes", dense["fid"], routed["fid"]))
+    strokes = judged.get("router_strokes")
+    if strokes:
+        rows.append(
+            (
+                "computed tokens on digit strokes (chance)",
+                "-",
+                f"{pct(strokes['on_stroke'])} ({pct(strokes['chance'])})",
+            )
+        )
+    return rows

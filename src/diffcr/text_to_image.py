@@ -77,6 +77,16 @@ def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs
     pipe = load_text_to_image_pipeline(base, **kwargs)
     if artifact is None or str(artifact) == "none":
         return pipe
+    if str(artifact) == "default":
+        from diffcr.data.latent_cache import SHIPPED_TEXT_TO_IMAGE
+        from diffcr.models.scene_pipeline import ARTIFACT_DIR
+
+        if str(base) != SHIPPED_TEXT_TO_IMAGE:
+            raise ValueError(
+                f"--artifact default is the shipped text-to-image default's artifact (--base t2i), not {base}'s: "
+                "pass --artifact DIR (a compress run's artifact/ or model/ folder) or --artifact none"
+            )
+        artifact = ARTIFACT_DIR
     folder = Path(artifact)
     if not folder.is_dir():
         raise FileNotFoundError(f"no DiffCR artifact folder at {folder}; pass --artifact DIR or none")
@@ -94,7 +104,13 @@ def pipeline_options(pipe) -> dict:
     """Call options a pipeline kind needs: PixArt's resolution binning would snap sizes to its trained aspect
     ratios (off, so that any size is what was asked), and its caption cleaning needs extra packages."""
     if type(pipe).__name__.startswith("PixArt"):
-        return {"use_resolution_binning": False, "clean_caption": False}
+        options = {"use_resolution_binning": False, "clean_caption": False}
+        if type(pipe.text_encoder).__name__ == "BertModel":
+            # the default's MiniLM encoder: its captions fit in 24 tokens; PixArt's 300 would only add padding
+            from diffcr.models.scene_pipeline import MAX_SEQUENCE_LENGTH
+
+            options["max_sequence_length"] = MAX_SEQUENCE_LENGTH
+        return options
     return {}
 
 
@@ -148,7 +164,9 @@ def sample_prompts(pipe, prompts: list[str], cfg: PromptSampleConfig, indices=No
             generator=generators,
             output_type="np",
             **pipeline_options(pipe),
-        ).images  # (b, H, W, 3) floats in [0, 1]
+        ).images  # (b, H, W, 3) floats in [0, 1]; (b, H, W, 1) from a grayscale VAE
+        if out.shape[-1] == 1:  # every image of a run has three channels, whatever the VAE
+            out = np.repeat(out, 3, axis=-1)
         images.append(to_uint8(out))
     if not images:
         return np.zeros((0, height, width, 3), dtype=np.uint8)

@@ -13,6 +13,9 @@ from diffcr.cli.common import friendly_errors
 @app.command()
 @friendly_errors
 def demo(
+    task: str = typer.Option(
+        "class", help="'class': the class-conditional DiT on digits; 't2i': the text-to-image PixArt pipeline"
+    ),
     out: Path = typer.Option(None, help="run directory (default: a new runs/demo-<date>-<time>)"),
     quick: bool = typer.Option(False, help="a shorter run: 60 training steps, 50 samples (about 2 minutes)"),
     seed: int = typer.Option(0),
@@ -25,8 +28,17 @@ def demo(
     ),
     num_per_class: int = typer.Option(None, help="override the recipe's samples per class"),
 ) -> None:
-    """Compress the shipped DiT on the bundled digits, sample dense and DiffCR, measure, report."""
+    """Compress the shipped DiT on the bundled digits (or, with --task t2i, the shipped text-to-image pipeline on
+    digit scenes), sample dense and DiffCR, measure, report."""
     from dataclasses import replace
+
+    if task not in ("class", "t2i"):
+        raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
+    if task == "t2i":
+        if quick or num_per_class is not None or minutes is not None:
+            raise ValueError("--quick, --minutes and --num-per-class belong to --task class; --task t2i takes --steps")
+        _demo_t2i(out, seed, None if base == "default" else base, steps)
+        return
 
     from diffcr.assess import summary_table
     from diffcr.demo import DemoRecipe, run_demo
@@ -55,4 +67,26 @@ def demo(
         f"{steps_text} ({result['train_seconds'] / 60:.1f} min); whole demo {result['seconds'] / 60:.1f} min "
         f"(estimated {result['estimate'].total_seconds / 60:.1f})"
     )
+    typer.echo(f"report: {result['report']}")
+
+
+def _demo_t2i(out, seed: int, base: str | None, steps: int | None) -> None:
+    import time
+    from dataclasses import replace
+
+    from diffcr.t2i_demo import T2IDemoRecipe, run_t2i_demo, summary_table
+
+    recipe = T2IDemoRecipe() if steps is None else replace(T2IDemoRecipe(), steps=steps)
+    out = out or Path("runs") / time.strftime("demo-t2i-%Y%m%d-%H%M%S")
+    result = run_t2i_demo(out, recipe, base=base, seed=seed, on_estimate=lambda e: typer.echo(e.describe()))
+    typer.echo("")
+    typer.echo(str(result["schedule"]))
+    typer.echo("")
+    typer.echo(summary_table(result["evaluation"], result["judgement"]))
+    typer.echo("")
+    typer.echo(
+        f"{result['train_steps']} training steps ({result['train_seconds'] / 60:.1f} min); whole demo "
+        f"{result['seconds'] / 60:.1f} min (estimated {result['estimate'].total_seconds / 60:.1f})"
+    )
+    typer.echo(f"artifact: {result['artifact']}")
     typer.echo(f"report: {result['report']}")

@@ -13,6 +13,11 @@ from diffcr.cli.common import friendly_errors
 @app.command()
 @friendly_errors
 def pretrain(
+    task: str = typer.Option(
+        "class",
+        help="'class': the class-conditional DiT on digits; 't2i': the text-to-image default (scene VAE, then "
+        "PixArt transformer on digit scenes)",
+    ),
     out: Path = typer.Option(Path("runs/pretrain"), help="run directory (checkpoints, metrics, model/)"),
     data: str = typer.Option("mnist5k", help="'mnist5k' (bundled) or an image folder with one subfolder per class"),
     steps: int = typer.Option(6000, help="optimizer steps"),
@@ -29,8 +34,10 @@ def pretrain(
     ),
     resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
     mixed_precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), no, bf16, fp16"),
+    vae_steps: int = typer.Option(900, help="--task t2i: optimizer steps of the scene VAE (trained first)"),
 ) -> None:
-    """Pretrain the class-conditional base DiT; the trained model is written to OUT/model."""
+    """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
+    the text-to-image default's VAE and transformer (written to OUT/pipeline)."""
     import contextlib
 
     import torch
@@ -41,6 +48,11 @@ def pretrain(
     from diffcr.models import BASE_MODEL_CONFIG, build_base_model
     from diffcr.train import TrainConfig, check_mixed_precision, export_model, is_main_process, train
 
+    if task not in ("class", "t2i"):
+        raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
+    if task == "t2i":
+        _pretrain_t2i(out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume)
+        return
     # 1. every option is checked before anything is loaded or written
     cfg = TrainConfig(
         mode="pretrain",
@@ -83,3 +95,27 @@ def pretrain(
             return
         export_model(result.model, out / "model")
     typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")
+
+
+def _pretrain_t2i(out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume):
+    from diffcr.cli.common import check_int, check_new_run_dir
+    from diffcr.train import TrainConfig
+    from diffcr.train.scene_pretrain import pretrain_scene_pipeline
+
+    TrainConfig(mode="pretrain", steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed)
+    check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
+    if not resume:
+        check_new_run_dir(out, resume)
+    folder = pretrain_scene_pipeline(
+        out,
+        steps=steps,
+        vae_steps=vae_steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        max_minutes=minutes,
+    )
+    typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")

@@ -120,6 +120,9 @@ def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | Non
 
     from diffcr.checkpoint import check_writable_file
     from diffcr.cli.common import check_int
+
+    # 1. options and output paths, before the pipeline is loaded
+    from diffcr.data.latent_cache import SHIPPED_TEXT_TO_IMAGE
     from diffcr.sampling import array_grid, image_format, save_png
     from diffcr.text_to_image import (
         PromptSampleConfig,
@@ -131,11 +134,10 @@ def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | Non
         save_npz,
     )
 
-    # 1. options and output paths, before the pipeline is loaded
-    if str(artifact) == "default":
+    if str(artifact) == "default" and str(base) != SHIPPED_TEXT_TO_IMAGE:
         raise ValueError(
-            "text-to-image has no shipped artifact: pass --artifact DIR (a compress run's artifact/ or "
-            "model/ folder) or --artifact none for the dense pipeline"
+            "--artifact default is the shipped text-to-image default's (--base t2i); for another pipeline pass "
+            "--artifact DIR (a compress run's artifact/ or model/ folder) or --artifact none for the dense pipeline"
         )
     texts = read_prompts(prompt, prompts_file)
     check_int("--threads", threads, 1, 4096, "CPU threads per process")

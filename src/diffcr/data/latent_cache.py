@@ -37,9 +37,15 @@ TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_projections")
 MAX_RESOLUTION = 8192  # pixels; a typo (100000) would not fit in memory
 
 
+# `--base t2i`: the shipped text-to-image default (`diffcr.models.scene_pipeline`)
+SHIPPED_TEXT_TO_IMAGE = "t2i"
+
 def pipeline_class_name(base: str | Path) -> str:
     """`_class_name` of a pipeline's `model_index.json` (a local folder or a hub repo id)."""
     from diffusers import DiffusionPipeline
+
+    if str(base) == SHIPPED_TEXT_TO_IMAGE:
+        return "PixArtSigmaPipeline"
 
     try:
         index = DiffusionPipeline.load_config(str(base))
@@ -53,7 +59,9 @@ def pipeline_class_name(base: str | Path) -> str:
 
 
 def is_text_to_image_pipeline(base: str | Path) -> bool:
-    """Whether `base` is a local PixArt pipeline folder (its `model_index.json` names one)."""
+    """Whether `base` is a local PixArt pipeline folder (its `model_index.json` names one), or "t2i"."""
+    if str(base) == SHIPPED_TEXT_TO_IMAGE:
+        return True
     index = Path(str(base)) / "model_index.json"
     if not index.is_file():
         return False
@@ -71,6 +79,10 @@ def load_text_to_image_pipeline(base: str | Path, **kwargs):
     """
     import diffusers
 
+    if str(base) == SHIPPED_TEXT_TO_IMAGE:
+        from diffcr.models.scene_pipeline import load_scene_pipeline
+
+        return load_scene_pipeline(dtype=kwargs.get("torch_dtype", torch.float32))
     name = pipeline_class_name(base)
     if name not in TEXT_TO_IMAGE_PIPELINES:
         raise ValueError(

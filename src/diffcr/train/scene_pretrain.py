@@ -30,7 +30,12 @@ def pretrain_scene_pipeline(
     from diffusers import AutoencoderKL
 
     from diffcr.data.scenes import DigitScenes
-    from diffcr.models.scene_pipeline import build_scene_scheduler, build_scene_transformer, load_text_encoder
+    from diffcr.models.scene_pipeline import (
+        build_scene_scheduler,
+        build_scene_transformer,
+        load_text_encoder,
+        write_model_index,
+    )
     from diffcr.models.tiny_dit import build_scheduler
     from diffcr.train.config import TrainConfig
     from diffcr.train.loop import train
@@ -74,5 +79,6 @@ def pretrain_scene_pipeline(
     result.model.eval().save_pretrained(pipeline_dir / "transformer")
     vae.save_pretrained(pipeline_dir / "vae")
     build_scene_scheduler().save_pretrained(pipeline_dir / "scheduler")
+    write_model_index(pipeline_dir)
     logger.info("pretrained pipeline written to %s after %d steps", pipeline_dir, result.steps_done)
     return pipeline_dir

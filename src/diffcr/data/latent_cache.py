@@ -40,6 +40,7 @@ MAX_RESOLUTION = 8192  # pixels; a typo (100000) would not fit in memory
 # `--base t2i`: the shipped text-to-image default (`diffcr.models.scene_pipeline`)
 SHIPPED_TEXT_TO_IMAGE = "t2i"
 
+
 def pipeline_class_name(base: str | Path) -> str:
     """`_class_name` of a pipeline's `model_index.json` (a local folder or a hub repo id)."""
     from diffusers import DiffusionPipeline

@@ -35,6 +35,9 @@ def pretrain(
     resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
     mixed_precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), no, bf16, fp16"),
     vae_steps: int = typer.Option(900, help="--task t2i: optimizer steps of the scene VAE (trained first)"),
+    snr_gamma: float = typer.Option(
+        None, help="min-SNR-gamma loss weighting (5 is the usual value; default: the plain MSE); may change on --resume"
+    ),
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
     the text-to-image default's VAE and transformer (written to OUT/pipeline)."""
@@ -51,7 +54,9 @@ def pretrain(
     if task not in ("class", "t2i"):
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
     if task == "t2i":
-        _pretrain_t2i(out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume)
+        _pretrain_t2i(
+            out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume, snr_gamma
+        )
         return
     # 1. every option is checked before anything is loaded or written
     cfg = TrainConfig(
@@ -64,6 +69,7 @@ def pretrain(
         seed=seed,
         max_minutes=minutes,
         mixed_precision=mixed_precision,
+        snr_gamma=snr_gamma,
     )
     check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     patch = BASE_MODEL_CONFIG["patch_size"]
@@ -97,12 +103,22 @@ def pretrain(
     typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")
 
 
-def _pretrain_t2i(out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume):
+def _pretrain_t2i(
+    out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume, snr_gamma
+):
     from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.train import TrainConfig
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
-    TrainConfig(mode="pretrain", steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed)
+    TrainConfig(
+        mode="pretrain",
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        snr_gamma=snr_gamma,
+    )
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
     if not resume:
         check_new_run_dir(out, resume)
@@ -117,5 +133,6 @@ def _pretrain_t2i(out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, 
         resume=resume,
         checkpoint_every=checkpoint_every,
         max_minutes=minutes,
+        snr_gamma=snr_gamma,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")

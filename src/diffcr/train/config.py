@@ -74,6 +74,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_minutes: float | None = None
     num_threads: int | None = 2
+    # min-SNR-gamma loss weighting (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+    # ICCV 2023): None = the plain diffusion MSE; 5 is the paper's value
+    snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -89,6 +92,8 @@ class TrainConfig:
             _check_float(name, getattr(self, name), low, low_open, what)
         if self.max_minutes is not None:
             _check_float("max_minutes", self.max_minutes, 0.0, True, "a time limit in minutes (or None for none)")
+        if self.snr_gamma is not None:
+            _check_float("snr_gamma", self.snr_gamma, 0.0, True, "the min-SNR weighting's gamma (or None for none)")
         if not 0.0 <= self.label_drop_prob < 1.0:  # also refuses NaN
             raise ValueError(f"label_drop_prob={self.label_drop_prob} must be in [0, 1)")
         if self.distill and self.mode == "pretrain":

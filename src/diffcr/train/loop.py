@@ -126,6 +126,33 @@ def noised(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torc
     return scheduler.add_noise(sample, noise, timesteps), diffusion_target(scheduler, sample, noise, timesteps)
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights (b,) of min-SNR-gamma: min(SNR, gamma) / SNR for epsilon prediction (steps with
+    little noise, which teach fine detail but dominate the plain MSE's gradient, count less), and
+    min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]  # (b,)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # "sample": x0 prediction
+
+
+def weighted_mse(prediction, target, scheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """The diffusion loss: the plain MSE, or the min-SNR-gamma weighted one when `snr_gamma` is set."""
+    if snr_gamma is None:
+        return F.mse_loss(prediction, target)
+    if is_flow_matching(scheduler):
+        raise ValueError(
+            "snr_gamma applies to DDPM-style schedulers; flow matching (SD3, Flux) has no SNR weighting here"
+        )
+    per_sample = ((prediction - target) ** 2).mean(dim=tuple(range(1, target.dim())))  # (b,)
+    return (min_snr_weights(scheduler, timesteps, snr_gamma) * per_sample).mean()
+
+
 def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
     """What the model must predict, by the scheduler's own `prediction_type`."""
     kind = scheduler.config.prediction_type
@@ -352,7 +379,7 @@ def _train(
                 target = true_target
             with accelerator.autocast():
                 prediction = conditioning.predict(model, noisy, timesteps, cond)
-            diffusion_loss = F.mse_loss(prediction.float(), target)
+            diffusion_loss = weighted_mse(prediction.float(), target, scheduler, timesteps, cfg.snr_gamma)
             loss = diffusion_loss
             ratio_loss = mean_kept = None
             if routed:

@@ -40,6 +40,7 @@ RESUME_MAY_CHANGE = (
     "grad_clip",
     "warmup_steps",
     "gradient_checkpointing",
+    "snr_gamma",
 )
 
 

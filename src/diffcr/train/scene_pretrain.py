@@ -24,6 +24,7 @@ def pretrain_scene_pipeline(
     checkpoint_every: int = 100,
     max_minutes: float | None = None,
     progress: bool = True,
+    snr_gamma: float | None = None,
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder."""
@@ -62,6 +63,7 @@ def pretrain_scene_pipeline(
         seed=seed,
         max_minutes=max_minutes,
         mixed_precision="no",
+        snr_gamma=snr_gamma,
     )
     run_dir = out / "transformer_run"
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))

@@ -7,7 +7,7 @@ import torch
 
 from diffcr.models.tiny_dit import build_scheduler
 from diffcr.train import TrainConfig
-from diffcr.train.loop import min_snr_weights, weighted_mse
+from diffcr.train.loop import min_snr_weights, snr_weights, weighted_mse
 
 
 def test_weights_follow_min_snr_for_epsilon_prediction():
@@ -53,3 +53,21 @@ def test_v_prediction_weights_and_flow_matching_refused():
 def test_config_refuses_a_bad_gamma(gamma):
     with pytest.raises(ValueError, match="snr_gamma"):
         TrainConfig(snr_gamma=gamma)
+
+
+def test_inverse_weighting_turns_noisy_steps_into_an_x0_loss_up_to_gamma():
+    scheduler = build_scheduler("ddpm")
+    timesteps = torch.tensor([0, 250, 450, 600, 999])
+    weights = snr_weights(scheduler, timesteps, 10.0, "inverse")
+    alphas = scheduler.alphas_cumprod[timesteps]
+    torch.testing.assert_close(weights, torch.clamp((1 - alphas) / alphas, 1.0, 10.0))
+    assert weights[0] == 1.0 and weights[-1] == 10.0
+    # between the clamps: the weighted epsilon error equals the x0 error the same prediction implies
+    t = torch.tensor([450])
+    alpha = scheduler.alphas_cumprod[t]
+    assert 1.0 < float(weights[2]) < 10.0
+    eps_error = torch.tensor([0.3])
+    x0_error = eps_error * (1 - alpha).sqrt() / alpha.sqrt()
+    torch.testing.assert_close(weights[2:3] * eps_error**2, x0_error**2)
+    with pytest.raises(ValueError, match="snr_weighting"):
+        TrainConfig(snr_gamma=5.0, snr_weighting="max")

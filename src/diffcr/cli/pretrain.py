@@ -38,6 +38,9 @@ def pretrain(
     snr_gamma: float = typer.Option(
         None, help="min-SNR-gamma loss weighting (5 is the usual value; default: the plain MSE); may change on --resume"
     ),
+    snr_weighting: str = typer.Option(
+        "min", help="with --snr-gamma: 'min' (min-SNR) or 'inverse' (clamp(1/SNR, 1, gamma): noisy steps as an x0 loss)"
+    ),
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
     the text-to-image default's VAE and transformer (written to OUT/pipeline)."""
@@ -55,7 +58,18 @@ def pretrain(
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
     if task == "t2i":
         _pretrain_t2i(
-            out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume, snr_gamma
+            out,
+            steps,
+            vae_steps,
+            batch_size,
+            lr,
+            warmup_steps,
+            minutes,
+            checkpoint_every,
+            seed,
+            resume,
+            snr_gamma,
+            snr_weighting,
         )
         return
     # 1. every option is checked before anything is loaded or written
@@ -70,6 +84,7 @@ def pretrain(
         max_minutes=minutes,
         mixed_precision=mixed_precision,
         snr_gamma=snr_gamma,
+        snr_weighting=snr_weighting,
     )
     check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     patch = BASE_MODEL_CONFIG["patch_size"]
@@ -104,7 +119,18 @@ def pretrain(
 
 
 def _pretrain_t2i(
-    out, steps, vae_steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume, snr_gamma
+    out,
+    steps,
+    vae_steps,
+    batch_size,
+    lr,
+    warmup_steps,
+    minutes,
+    checkpoint_every,
+    seed,
+    resume,
+    snr_gamma,
+    snr_weighting,
 ):
     from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.train import TrainConfig
@@ -118,6 +144,7 @@ def _pretrain_t2i(
         warmup_steps=warmup_steps,
         seed=seed,
         snr_gamma=snr_gamma,
+        snr_weighting=snr_weighting,
     )
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
     if not resume:
@@ -134,5 +161,6 @@ def _pretrain_t2i(
         checkpoint_every=checkpoint_every,
         max_minutes=minutes,
         snr_gamma=snr_gamma,
+        snr_weighting=snr_weighting,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")

@@ -51,6 +51,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGINT) during training; the message says where the last checkpoint is."""
 
 
+SNR_WEIGHTINGS = ("min", "inverse")
+
+
 @dataclass
 class TrainConfig:
     """How to train. `mode`: "pretrain" (dense, no DiffCR), "routers" (routers and ratios only), "lora"
@@ -77,6 +80,9 @@ class TrainConfig:
     # min-SNR-gamma loss weighting (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
     # ICCV 2023): None = the plain diffusion MSE; 5 is the paper's value
     snr_gamma: float | None = None
+    # "min": min-SNR-gamma; "inverse": clamp(1 / SNR, 1, gamma), which turns the epsilon loss of noisy steps into
+    # an x0 loss (capped), where a text-to-image model must learn what the prompt says
+    snr_weighting: str = "min"
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -94,6 +100,8 @@ class TrainConfig:
             _check_float("max_minutes", self.max_minutes, 0.0, True, "a time limit in minutes (or None for none)")
         if self.snr_gamma is not None:
             _check_float("snr_gamma", self.snr_gamma, 0.0, True, "the min-SNR weighting's gamma (or None for none)")
+        if self.snr_weighting not in SNR_WEIGHTINGS:
+            raise ValueError(f"snr_weighting={self.snr_weighting!r} must be one of {SNR_WEIGHTINGS}")
         if not 0.0 <= self.label_drop_prob < 1.0:  # also refuses NaN
             raise ValueError(f"label_drop_prob={self.label_drop_prob} must be in [0, 1)")
         if self.distill and self.mode == "pretrain":

@@ -126,6 +126,23 @@ def noised(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torc
     return scheduler.add_noise(sample, noise, timesteps), diffusion_target(scheduler, sample, noise, timesteps)
 
 
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, kind: str = "min") -> torch.Tensor:
+    """Per-sample loss weights (b,): min-SNR-gamma (`min_snr_weights`) or, with kind "inverse",
+    clamp(1 / SNR, 1, gamma) for epsilon prediction.
+
+    The epsilon loss of a step is SNR times its x0 loss, so at the noisy steps where only the condition can say
+    what the image will show (SNR of 0.01-0.1 under the linear schedule), getting the content wrong costs almost
+    nothing; weighting those steps by 1 / SNR (capped at gamma) makes them count as an x0 loss would.
+    """
+    if kind == "min":
+        return min_snr_weights(scheduler, timesteps, gamma)
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError("snr_weighting='inverse' is defined for epsilon prediction")
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]  # (b,)
+    inverse_snr = (1 - alphas_cumprod) / alphas_cumprod
+    return torch.clamp(inverse_snr, min=1.0, max=gamma)
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights (b,) of min-SNR-gamma: min(SNR, gamma) / SNR for epsilon prediction (steps with
     little noise, which teach fine detail but dominate the plain MSE's gradient, count less), and
@@ -141,7 +158,9 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped  # "sample": x0 prediction
 
 
-def weighted_mse(prediction, target, scheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+def weighted_mse(
+    prediction, target, scheduler, timesteps: torch.Tensor, snr_gamma: float | None, snr_weighting: str = "min"
+) -> torch.Tensor:
     """The diffusion loss: the plain MSE, or the min-SNR-gamma weighted one when `snr_gamma` is set."""
     if snr_gamma is None:
         return F.mse_loss(prediction, target)
@@ -150,7 +169,7 @@ def weighted_mse(prediction, target, scheduler, timesteps: torch.Tensor, snr_gam
             "snr_gamma applies to DDPM-style schedulers; flow matching (SD3, Flux) has no SNR weighting here"
         )
     per_sample = ((prediction - target) ** 2).mean(dim=tuple(range(1, target.dim())))  # (b,)
-    return (min_snr_weights(scheduler, timesteps, snr_gamma) * per_sample).mean()
+    return (snr_weights(scheduler, timesteps, snr_gamma, snr_weighting) * per_sample).mean()
 
 
 def diffusion_target(scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
@@ -379,7 +398,9 @@ def _train(
                 target = true_target
             with accelerator.autocast():
                 prediction = conditioning.predict(model, noisy, timesteps, cond)
-            diffusion_loss = weighted_mse(prediction.float(), target, scheduler, timesteps, cfg.snr_gamma)
+            diffusion_loss = weighted_mse(
+                prediction.float(), target, scheduler, timesteps, cfg.snr_gamma, cfg.snr_weighting
+            )
             loss = diffusion_loss
             ratio_loss = mean_kept = None
             if routed:

@@ -41,6 +41,7 @@ RESUME_MAY_CHANGE = (
     "warmup_steps",
     "gradient_checkpointing",
     "snr_gamma",
+    "snr_weighting",
 )
 
 

@@ -25,6 +25,7 @@ def pretrain_scene_pipeline(
     max_minutes: float | None = None,
     progress: bool = True,
     snr_gamma: float | None = None,
+    snr_weighting: str = "min",
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder."""
@@ -64,6 +65,7 @@ def pretrain_scene_pipeline(
         max_minutes=max_minutes,
         mixed_precision="no",
         snr_gamma=snr_gamma,
+        snr_weighting=snr_weighting,
     )
     run_dir = out / "transformer_run"
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))

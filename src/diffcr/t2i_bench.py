@@ -38,6 +38,7 @@ from diffcr.compare import (
     Contestant,
     frozen_uniform,
 )
+from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class T2IBenchRecipe:
             checkpoint_every=self.train_steps,
             seed=self.seed,
             num_threads=self.num_threads,
+            snr_gamma=PRETRAIN_SNR_GAMMA,
+            snr_weighting=PRETRAIN_SNR_WEIGHTING,
         )
 
 

@@ -49,6 +49,9 @@ class T2IDemoRecipe:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
     def train_config(self, seed: int = 0):
+        """Fine-tuning weighs the diffusion loss as pretraining did (a plain MSE would undo what the noisy
+        steps taught the model about its captions)."""
+        from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING
         from diffcr.train import TrainConfig
 
         return TrainConfig(
@@ -60,6 +63,8 @@ class T2IDemoRecipe:
             ratio_lr=self.ratio_lr,
             checkpoint_every=self.steps,
             seed=seed,
+            snr_gamma=PRETRAIN_SNR_GAMMA,
+            snr_weighting=PRETRAIN_SNR_WEIGHTING,
         )
 
     def diffcr_config(self):

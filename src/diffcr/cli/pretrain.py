@@ -36,10 +36,13 @@ def pretrain(
     mixed_precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), no, bf16, fp16"),
     vae_steps: int = typer.Option(900, help="--task t2i: optimizer steps of the scene VAE (trained first)"),
     snr_gamma: float = typer.Option(
-        None, help="min-SNR-gamma loss weighting (5 is the usual value; default: the plain MSE); may change on --resume"
+        None,
+        help="loss weighting's gamma (default: none for --task class, 10 for --task t2i); may change on --resume",
     ),
     snr_weighting: str = typer.Option(
-        "min", help="with --snr-gamma: 'min' (min-SNR) or 'inverse' (clamp(1/SNR, 1, gamma): noisy steps as an x0 loss)"
+        None,
+        help="with --snr-gamma: 'min' (min-SNR; the default for --task class) or 'inverse' (clamp(1/SNR, 1, gamma): "
+        "noisy steps count as an x0 loss; the default for --task t2i)",
     ),
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
@@ -84,7 +87,7 @@ def pretrain(
         max_minutes=minutes,
         mixed_precision=mixed_precision,
         snr_gamma=snr_gamma,
-        snr_weighting=snr_weighting,
+        snr_weighting=snr_weighting or "min",
     )
     check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     patch = BASE_MODEL_CONFIG["patch_size"]
@@ -133,9 +136,13 @@ def _pretrain_t2i(
     snr_weighting,
 ):
     from diffcr.cli.common import check_int, check_new_run_dir
+    from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING
     from diffcr.train import TrainConfig
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
+    # the plain MSE never taught the transformer which digit a caption names (docs/RESULTS.md)
+    snr_gamma = PRETRAIN_SNR_GAMMA if snr_gamma is None else snr_gamma
+    snr_weighting = snr_weighting or PRETRAIN_SNR_WEIGHTING
     TrainConfig(
         mode="pretrain",
         steps=steps,

@@ -15,6 +15,9 @@ import torch
 PIPELINE_DIR = Path(__file__).parent / "t2i"
 ARTIFACT_DIR = Path(__file__).parent / "t2i_artifact"  # what `diffcr demo --task t2i` trains, shipped
 MODEL_INDEX = "model_index.json"
+# the loss weighting the shipped transformer was trained with, which fine-tuning it keeps (see its model card)
+PRETRAIN_SNR_GAMMA = 10.0
+PRETRAIN_SNR_WEIGHTING = "inverse"
 MAX_SEQUENCE_LENGTH = 24  # the longest caption of the grammar is 18 word pieces with [CLS] and [SEP]
 
 VAE_CONFIG = {

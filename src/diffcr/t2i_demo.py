@@ -30,13 +30,15 @@ class T2IDemoRecipe:
 
     target_kept_ratio: float = 0.5
     timestep_regions: int = 4
-    ratio_loss_weight: float = 0.3
+    # the diffusion loss is weighted as in pretraining (about 6x the plain MSE on average), so the ratio loss
+    # weighs more than the class-conditional demo's 0.3 to keep the same balance
+    ratio_loss_weight: float = 2.0
     mode: str = "full"
-    steps: int = 100
+    steps: int = 200
     batch_size: int = 16
     lr: float = 1e-4
     router_lr: float = 1e-3
-    ratio_lr: float = 2e-2
+    ratio_lr: float = 3e-2
     sampler_steps: int = 20
     guidance_scale: float = 4.5
     sample_batch_size: int = 10

@@ -208,6 +208,32 @@ def _run_description(cfg: TrainConfig, base_model, scheduler, conditioning, extr
     }
 
 
+def _diffusion_loss(accelerator, model, teacher, conditioning, inputs, true_target, scheduler, cfg: TrainConfig):
+    """The step's diffusion loss: against the true target, or the frozen teacher's prediction (distillation)."""
+    noisy, timesteps, cond = inputs
+    if teacher is not None:
+        with torch.no_grad(), accelerator.autocast():
+            target = conditioning.predict(teacher, noisy, timesteps, cond).float()
+    else:
+        target = true_target
+    with accelerator.autocast():
+        prediction = conditioning.predict(model, noisy, timesteps, cond)
+    return weighted_mse(prediction.float(), target, scheduler, timesteps, cfg.snr_gamma, cfg.snr_weighting)
+
+
+def _metrics_row(step: int, loss, diffusion_loss, ratio_loss, mean_kept, started: float) -> dict:
+    """One `metrics.jsonl` row; the ratio figures only for a routed run."""
+    row = {
+        "step": step,
+        "loss": loss.item(),
+        "diffusion_loss": diffusion_loss.item(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if ratio_loss is not None:
+        row.update(ratio_loss=ratio_loss.item(), mean_kept_ratio=float(mean_kept))
+    return row
+
+
 def _lr_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
@@ -391,15 +417,8 @@ def _train(
             noisy, true_target = noised(scheduler, clean, noise, timesteps, num_train_timesteps)
 
             # 2. the loss: diffusion (or distillation) + lambda * ratio loss
-            if teacher is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    target = conditioning.predict(teacher, noisy, timesteps, cond).float()
-            else:
-                target = true_target
-            with accelerator.autocast():
-                prediction = conditioning.predict(model, noisy, timesteps, cond)
-            diffusion_loss = weighted_mse(
-                prediction.float(), target, scheduler, timesteps, cfg.snr_gamma, cfg.snr_weighting
+            diffusion_loss = _diffusion_loss(
+                accelerator, model, teacher, conditioning, (noisy, timesteps, cond), true_target, scheduler, cfg
             )
             loss = diffusion_loss
             ratio_loss = mean_kept = None
@@ -424,15 +443,7 @@ def _train(
             step += 1
 
             # 4. logging and checkpoints
-            row = {
-                "step": step,
-                "loss": loss.item(),
-                "diffusion_loss": diffusion_loss.item(),
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-            if routed:
-                row.update(ratio_loss=ratio_loss.item(), mean_kept_ratio=float(mean_kept))
-            _log_step(row, metrics_file, bar)
+            _log_step(_metrics_row(step, loss, diffusion_loss, ratio_loss, mean_kept, started), metrics_file, bar)
             out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) > cfg.max_minutes * 60
             if world > 1:  # every rank must stop (and checkpoint) at the same step
                 flag = torch.tensor([float(out_of_time)], device=device)

@@ -1,34 +1,39 @@
-"""Load a DiffCR artifact into a diffusers PixArt pipeline in two lines, then sample dense and DiffCR from the same
-seed and time both.
+"""Load a DiffCR run into a diffusers PixArt pipeline in two lines, then sample dense and DiffCR from the same seed
+and time both.
 
-    python examples/pixart_text_to_image.py PIPELINE ARTIFACT "a red fox in the snow"
+    python examples/pixart_text_to_image.py PIPELINE ARTIFACT "a red fox in the snow" [--transformer T]
 
-PIPELINE is a PixArt-Sigma (or -Alpha) pipeline folder or repo id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS;
-ARTIFACT is the `artifact/` folder of a `diffcr compress` run on that pipeline (see the README's "Compress your
-own PixArt-Sigma").
+PIPELINE is a PixArt-Sigma (or -Alpha) pipeline folder or repo id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, or
+PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers with --transformer PixArt-alpha/PixArt-Sigma-XL-2-512-MS (that repo
+holds only the 512 px transformer; PixArt pairs it with this pipeline's VAE and T5). ARTIFACT is the `artifact/`
+folder of a `diffcr compress` run on that pipeline, in any --mode: it holds the routers and kept ratios, and
+`diffcr.load` also applies the run's LoRA (--mode lora) or its fine-tuned weights (--mode full, read from the run's
+`model/` folder beside it). See the README's "Compress your own PixArt-Sigma".
 """
 
-import sys
+import argparse
 import time
 
 import torch
-from diffusers import PixArtSigmaPipeline
+from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 
 import diffcr
 
 
-def main(base: str, artifact: str, prompt: str, steps: int = 20) -> None:
-    pipe = PixArtSigmaPipeline.from_pretrained(base)
+def main(base: str, artifact: str, prompt: str, steps: int = 20, transformer: str | None = None) -> None:
+    parts = {}
+    if transformer is not None:  # PixArt's own way to pair the 512 px transformer with a pipeline
+        parts["transformer"] = PixArtTransformer2DModel.from_pretrained(transformer, subfolder="transformer")
+    pipe = PixArtSigmaPipeline.from_pretrained(base, **parts)
     dense_seconds, dense = timed(pipe, prompt, steps)
 
-    diffcr.load(pipe.transformer, artifact)  # routers and learned kept ratios onto the pipeline's own transformer
+    diffcr.load(pipe.transformer, artifact)  # the trained model: routers, kept ratios and the run's fine-tuning
     routed_seconds, routed = timed(pipe, prompt, steps)
 
     print(diffcr.schedule(pipe.transformer))
     print(f"dense {dense_seconds:.2f} s, DiffCR {routed_seconds:.2f} s ({dense_seconds / routed_seconds:.2f}x)")
     dense.save("dense.png")
     routed.save("diffcr.png")
-    diffcr.remove(pipe.transformer)  # the pipeline is dense again, exactly
 
 
 def timed(pipe, prompt: str, steps: int):
@@ -40,6 +45,11 @@ def timed(pipe, prompt: str, steps: int):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        raise SystemExit(__doc__)
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pipeline")
+    parser.add_argument("artifact")
+    parser.add_argument("prompt")
+    parser.add_argument("--transformer", help="a transformer repo or folder with a transformer/ subfolder")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    main(args.pipeline, args.artifact, args.prompt, steps=args.steps, transformer=args.transformer)

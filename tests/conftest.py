@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -60,6 +62,7 @@ class DiTCase:
     name = "dit"
     num_tokens = 16
     num_train_timesteps = 1000  # the range of the timestep the model receives
+    mlp_gate = True  # every block has an `ff` MLP for gate="sigmoid_mlp"
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
@@ -84,6 +87,7 @@ class PixArtCase:
     name = "pixart"
     num_tokens = 16
     num_train_timesteps = 1000
+    mlp_gate = True
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
@@ -140,6 +144,7 @@ class SD3Case:
     name = "sd3"
     num_tokens = 16
     num_train_timesteps = 1000
+    mlp_gate = True
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
@@ -160,7 +165,7 @@ class SD3Case:
         return {"hidden_states": x, "timestep": timesteps, "encoder_hidden_states": text, "pooled_projections": pooled}
 
 
-def tiny_flux(num_layers: int = 3, seed: int = 0, num_single_layers: int = 0):
+def tiny_flux(num_layers: int = 3, seed: int = 0, num_single_layers: int = 0, guidance_embeds: bool = False):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -173,6 +178,7 @@ def tiny_flux(num_layers: int = 3, seed: int = 0, num_single_layers: int = 0):
         num_attention_heads=2,
         joint_attention_dim=12,
         pooled_projection_dim=6,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=[4, 4, 8],
     )
     with torch.no_grad():  # adaLN-Zero starts as the identity: random modulation, so that blocks do something
@@ -184,16 +190,17 @@ def tiny_flux(num_layers: int = 3, seed: int = 0, num_single_layers: int = 0):
 
 
 class FluxCase:
-    """Flux with double-stream blocks only, so that `transformer_blocks` holds every routed layer (the shared
-    suite indexes it); `tests/test_mmdit.py` covers the single-stream blocks."""
+    """Flux with both block kinds in Flux's own order: one double-stream `FluxTransformerBlock` (layer 0), then
+    single-stream `FluxSingleTransformerBlock`s (layers 1, 2, ...); the suite reaches them through `all_blocks`."""
 
     name = "flux"
     num_tokens = 16
     num_train_timesteps = 1  # Flux receives sigma in [0, 1]
+    mlp_gate = False  # single-stream blocks have no `ff` MLP: gate="sigmoid_mlp" is refused
 
     @staticmethod
     def model(num_layers: int = 3, seed: int = 0):
-        return tiny_flux(num_layers, seed)
+        return tiny_flux(num_layers=1, seed=seed, num_single_layers=num_layers - 1)
 
     @staticmethod
     def inputs(timesteps, seed: int = 1, cfg: bool = False) -> dict:
@@ -229,6 +236,28 @@ def case(request):
 
 def run(model, inputs: dict) -> torch.Tensor:
     return model(**inputs).sample
+
+
+def all_blocks(model) -> list:
+    """Every routable block in layer order: `transformer_blocks`, then Flux's `single_transformer_blocks`."""
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
+
+
+@contextlib.contextmanager
+def skipped_entirely(model, layers: list[int]):
+    """Within the context, MMDiT blocks `layers` return their inputs unchanged: what a skip-layer guidance call
+    (`skip_layers=`) must compute, whatever the routing of the other blocks."""
+
+    def identity(hidden_states, encoder_hidden_states, **_):
+        return encoder_hidden_states, hidden_states
+
+    for layer in layers:
+        model.transformer_blocks[layer].forward = identity
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del model.transformer_blocks[layer].forward  # back to the (routed) class's forward
 
 
 def image_of(block_output):

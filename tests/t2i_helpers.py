@@ -35,9 +35,14 @@ def tiny_vae(image_size: int, **options):
 
 
 def build_tiny_pixart_pipeline(
-    folder: str | Path, seed: int = 0, image_size: int = 16, micro_conditions: bool = False
+    folder: str | Path, seed: int = 0, image_size: int = 16, micro_conditions: bool | None = False
 ) -> Path:
-    """Save a random-weight PixArtSigmaPipeline (4-channel latents at image_size / 2, 2 blocks) to `folder`."""
+    """Save a random-weight PixArtSigmaPipeline (4-channel latents at image_size / 2, 2 blocks) to `folder`.
+
+    `micro_conditions=None` leaves the choice to diffusers, as real PixArt-XL-2-1024-MS does: its config has no
+    `use_additional_conditions` key (removed from the saved config.json here too), and the model takes
+    resolution and aspect ratio when sample_size is 128 (image_size 256).
+    """
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -48,11 +53,11 @@ def build_tiny_pixart_pipeline(
     vae = tiny_vae(image_size)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2,
-        attention_head_dim=12 if micro_conditions else 8,  # micro-conditions split the width in 3
+        attention_head_dim=8 if micro_conditions is False else 12,  # micro-conditions split the width in 3
         in_channels=4,
         out_channels=8,
         num_layers=2,
-        cross_attention_dim=24 if micro_conditions else 16,
+        cross_attention_dim=16 if micro_conditions is False else 24,
         sample_size=image_size // 2,
         patch_size=2,
         caption_channels=16,
@@ -70,6 +75,13 @@ def build_tiny_pixart_pipeline(
         scheduler=DPMSolverMultistepScheduler(),
     )
     pipe.save_pretrained(folder)
+    if micro_conditions is None:
+        import json
+
+        config_file = Path(folder) / "transformer" / "config.json"
+        config = json.loads(config_file.read_text())
+        del config["use_additional_conditions"]
+        config_file.write_text(json.dumps(config, indent=2))
     return Path(folder)
 
 

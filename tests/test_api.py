@@ -1,4 +1,5 @@
-"""Conformance suite every adapter passes: each test runs on tiny DiT and PixArt models (the `case` fixture)."""
+"""Conformance suite every adapter passes: each test runs on tiny DiT, PixArt, SD3 and Flux models (the `case`
+fixture; Flux's case holds both its double- and single-stream blocks)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import diffcr
-from conftest import image_of, run
+from conftest import all_blocks, image_of, run
 from diffcr import DiffCRConfig
 
 T_MIXED = [10, 300, 600, 900]  # one sample in each of 4 regions of [0, 1000)
@@ -22,18 +23,42 @@ def count_block_tokens(model):
     block has its own MLP, `ff_context`). Consecutive calls of one layer with the same token count are one entry:
     Flux runs a routed block sample by sample (its rotary table follows each sample's tokens)."""
     seen: list[tuple[int, int, int]] = []
+    text_len = {}  # layer -> text tokens of its current call
 
-    def record(layer, tokens):
-        batch, count = tokens.shape[0], tokens.shape[1]
+    def record(layer, tokens, text_tokens=0):
+        batch, count = tokens.shape[0], tokens.shape[1] - text_tokens
         if seen and seen[-1][0] == layer and seen[-1][2] == count:
             batch += seen.pop()[1]
         seen.append((layer, batch, count))
 
-    for layer, block in enumerate(model.transformer_blocks):
-        block.ff.register_forward_pre_hook(
-            lambda mod, args, kwargs, layer=layer: record(layer, args[0]), with_kwargs=True
+    def remember_text(layer, args, kwargs):
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]  # (B, T, C)
+        text_len[layer] = text.shape[1]
+
+    for layer, block in enumerate(all_blocks(model)):
+        if hasattr(block, "ff"):
+            block.ff.register_forward_pre_hook(
+                lambda mod, args, kwargs, layer=layer: record(layer, args[0]), with_kwargs=True
+            )
+            continue
+        # Flux's single-stream block: its MLP (`proj_mlp`) sees the text tokens, then the block's image tokens
+        block.register_forward_pre_hook(
+            lambda mod, args, kwargs, layer=layer: remember_text(layer, args, kwargs), with_kwargs=True
         )
+        block.proj_mlp.register_forward_pre_hook(lambda mod, args, layer=layer: record(layer, args[0], text_len[layer]))
     return seen
+
+
+def mlp_gate_or_block(case) -> str:
+    """gate="sigmoid_mlp" where every block has an `ff` MLP to gate, else "sigmoid_block" (Flux's single-stream
+    blocks have none: `test_mlp_gate_without_an_mlp_is_refused`)."""
+    return "sigmoid_mlp" if case.mlp_gate else "sigmoid_block"
+
+
+def no_diffcr_hooks_or_state(model) -> bool:
+    """No forward hook and no DiffCR attribute left on any submodule."""
+    names = ("_diffcr_controller", "_diffcr_layer", "_diffcr_mlp_gate")
+    return all(not m._forward_hooks and not any(n in m.__dict__ for n in names) for m in model.modules())
 
 
 # -- equivalence at kept ratio 1.0 -------------------------------------------------------------------------
@@ -58,7 +83,7 @@ def test_remove_restores_exactly(case):
     model = case.model()
     inputs = case.inputs(T_MIXED)
     keys = list(model.state_dict())
-    classes = [type(b) for b in model.transformer_blocks]
+    classes = [type(b) for b in all_blocks(model)]
     with torch.no_grad():
         reference = run(model, inputs)
     diffcr.apply(model, DiffCRConfig())
@@ -68,7 +93,7 @@ def test_remove_restores_exactly(case):
     assert [k for k in model.state_dict() if not k.startswith("diffcr.")] == keys
     diffcr.remove(model)
     assert list(model.state_dict()) == keys
-    assert [type(b) for b in model.transformer_blocks] == classes
+    assert [type(b) for b in all_blocks(model)] == classes
     assert not model._forward_pre_hooks
     assert not diffcr.is_applied(model)
     with torch.no_grad():
@@ -79,12 +104,22 @@ def test_remove_restores_exactly(case):
 
 def test_remove_after_sigmoid_mlp_leaves_no_trace(case):
     model = case.model()
-    diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp"))
+    diffcr.apply(model, DiffCRConfig(gate=mlp_gate_or_block(case)))
     set_kept(model, 0.5)
     with torch.no_grad():
         run(model, case.inputs(T_MIXED))
     diffcr.remove(model)
-    assert all(not b.ff._forward_hooks and "_diffcr_mlp_gate" not in b.ff.__dict__ for b in model.transformer_blocks)
+    assert no_diffcr_hooks_or_state(model)
+
+
+def test_mlp_gate_without_an_mlp_is_refused(case):
+    if case.mlp_gate:
+        pytest.skip("every block of this family has an `ff` MLP")
+    model = case.model()
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"gate='sigmoid_mlp' gates a block's `ff` MLP, which blocks \[1, 2\]"):
+        diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp"))
+    assert list(model.state_dict()) == keys and not diffcr.is_applied(model) and no_diffcr_hooks_or_state(model)
 
 
 def test_positional_call_finds_the_timestep(case):
@@ -110,7 +145,7 @@ def test_apply_twice_raises(case):
 def test_failed_apply_leaves_model_untouched(case, monkeypatch):
     model = case.model()
     keys = list(model.state_dict())
-    classes = [type(b) for b in model.transformer_blocks]
+    classes = [type(b) for b in all_blocks(model)]
     real = diffcr.api.routed_class
     calls = []
 
@@ -122,12 +157,11 @@ def test_failed_apply_leaves_model_untouched(case, monkeypatch):
 
     monkeypatch.setattr(diffcr.api, "routed_class", fails_on_second_block)
     with pytest.raises(RuntimeError, match="simulated"):
-        diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp"))
+        diffcr.apply(model, DiffCRConfig(gate=mlp_gate_or_block(case)))
     assert list(model.state_dict()) == keys
-    assert [type(b) for b in model.transformer_blocks] == classes
+    assert [type(b) for b in all_blocks(model)] == classes
     assert not model._forward_pre_hooks
-    assert all(not b.ff._forward_hooks for b in model.transformer_blocks)
-    assert all("_diffcr_controller" not in b.__dict__ for b in model.transformer_blocks)
+    assert no_diffcr_hooks_or_state(model)
     assert not diffcr.is_applied(model)
 
 
@@ -151,28 +185,29 @@ def test_blocks_see_exactly_num_kept_tokens(case, kept):
 def test_bypassed_tokens_untouched_and_kept_idx_sorted(case):
     model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1))
     set_kept(model, 0.5)
-    block = model.transformer_blocks[1]
-    captured = {}
+    captured = {}  # layer -> (input, output) image tokens, for every block kind
 
-    def capture_in(mod, args, kwargs):
-        captured["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
+    def capture_in(mod, args, kwargs, layer):
+        captured[layer] = (args[0] if args else kwargs["hidden_states"]).clone()
 
-    def capture_out(mod, args, kwargs, output):
-        captured["output"] = image_of(output).clone()
+    def capture_out(mod, args, kwargs, output, layer):
+        captured[layer] = (captured[layer], image_of(output).clone())
 
-    block.register_forward_pre_hook(capture_in, with_kwargs=True)
-    block.register_forward_hook(capture_out, with_kwargs=True)
+    for layer, block in enumerate(all_blocks(model)):
+        block.register_forward_pre_hook(lambda m, a, k, layer=layer: capture_in(m, a, k, layer), with_kwargs=True)
+        block.register_forward_hook(lambda m, a, k, o, layer=layer: capture_out(m, a, k, o, layer), with_kwargs=True)
     with torch.no_grad():
         run(model, case.inputs([100, 700, 300]))
-    x, y = captured["input"], captured["output"]
-    logits = model.diffcr.routers[1](x).squeeze(-1)
-    kept_idx = diffcr.routing.select_tokens(logits, case.num_tokens // 2)
-    for b in range(x.shape[0]):
-        assert torch.equal(kept_idx[b], kept_idx[b].unique(sorted=True))
-        mask = torch.zeros(case.num_tokens, dtype=torch.bool)
-        mask[kept_idx[b]] = True
-        assert torch.equal(y[b, ~mask], x[b, ~mask])  # bit for bit
-        assert not torch.allclose(y[b, mask], x[b, mask])  # computed
+    assert sorted(captured) == [0, 1, 2]
+    for layer, (x, y) in captured.items():
+        logits = model.diffcr.routers[layer](x).squeeze(-1)
+        kept_idx = diffcr.routing.select_tokens(logits, case.num_tokens // 2)
+        for b in range(x.shape[0]):
+            assert torch.equal(kept_idx[b], kept_idx[b].unique(sorted=True))
+            mask = torch.zeros(case.num_tokens, dtype=torch.bool)
+            mask[kept_idx[b]] = True
+            assert torch.equal(y[b, ~mask], x[b, ~mask])  # bit for bit
+            assert not torch.allclose(y[b, mask], x[b, mask])  # computed
 
 
 def test_selection_is_per_sample(case):
@@ -218,6 +253,29 @@ def test_mixed_region_batch_equals_per_sample_runs(case, train_mode):
             torch.testing.assert_close(alone[0], together[b], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("train_mode", [False, True], ids=["eval", "train"])
+def test_pixart_padding_masks_that_differ_per_sample_equal_each_sample_alone(train_mode):
+    """Captions of different lengths in one mixed-timestep batch: each sample's padded text tokens are masked by
+    its own mask, so the batch gives each sample's output alone, and what sits in the padding does not matter."""
+    from conftest import PixArtCase
+
+    model = diffcr.apply(PixArtCase.model(), DiffCRConfig(timestep_regions=4))
+    set_kept(model, [[1.0, 0.75, 0.45, 0.2]])
+    model.train(train_mode)
+    inputs = PixArtCase.inputs(T_MIXED)
+    lengths = [5, 1, 3, 4]  # text tokens per sample; the rest is padding
+    inputs["encoder_attention_mask"] = (torch.arange(5)[None] < torch.tensor(lengths)[:, None]).float()  # (4, 5)
+    with torch.no_grad():
+        together = run(model, inputs)
+        for b in range(4):
+            alone = run(model, _take(inputs, [b]))
+            torch.testing.assert_close(alone[0], together[b], atol=1e-6, rtol=0)
+        garbage = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
+        for b, length in enumerate(lengths):
+            garbage["encoder_hidden_states"][b, length:] = 100.0  # padding the masks must hide
+        torch.testing.assert_close(run(model, garbage), together, atol=1e-5, rtol=0)
+
+
 def test_regions_use_their_own_num_kept(case):
     model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=2, ratio_bins=(1.0, 0.75, 0.5, 0.25)))
     set_kept(model, [[0.75, 0.25]])
@@ -245,7 +303,7 @@ def test_interpolation_blends_the_two_nearest_bins(case):
     model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1, ratio_bins=(1.0, 0.9, 0.8, 0.7)))
     inputs = case.inputs([100, 700])
     block_out = {}
-    model.transformer_blocks[1].register_forward_hook(lambda m, a, out: block_out.__setitem__("y", image_of(out)))
+    all_blocks(model)[1].register_forward_hook(lambda m, a, out: block_out.__setitem__("y", image_of(out)))
     single = {}
     for kept in (0.9, 0.8):  # block 1 alone at each bin, one pass (eval)
         set_kept(model, [[1.0], [kept], [1.0]])
@@ -262,6 +320,8 @@ def test_interpolation_blends_the_two_nearest_bins(case):
 
 @pytest.mark.parametrize("gate", ["straight_through", "sigmoid_block", "sigmoid_mlp"])
 def test_gradients_reach_router_and_ratios_not_frozen_base(case, gate):
+    if gate == "sigmoid_mlp" and not case.mlp_gate:
+        pytest.skip("refused without an `ff` MLP: test_mlp_gate_without_an_mlp_is_refused")
     model = diffcr.apply(case.model(), DiffCRConfig(gate=gate, timestep_regions=2, target_kept_ratio=0.5))
     groups = diffcr.parameter_groups(model)
     for param in groups["base"]:
@@ -298,8 +358,8 @@ def test_ratio_loss_before_forward_raises(case):
 
 
 def test_sigmoid_mlp_scales_only_the_mlp_update(case):
-    if case.name == "flux":
-        pytest.skip("the manual reference would need Flux's rotary rows; tests/test_mmdit.py checks those")
+    if not case.mlp_gate:
+        pytest.skip("refused without an `ff` MLP: test_mlp_gate_without_an_mlp_is_refused")
     model = case.model()
     reference = case.model()
     diffcr.apply(model, DiffCRConfig(gate="sigmoid_mlp", timestep_regions=1))

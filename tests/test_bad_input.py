@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,16 +246,28 @@ def test_missing_output_folders_are_created(tmp_path, base_dir):
     assert out.stat().st_size > 0 and np.load(npz)["arr_0"].shape == (2, 8, 8, 1)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_output_folder_is_refused(tmp_path, base_dir):
-    locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        refused(invoke("compress", "--base", base_dir, "--out", locked / "run"), "no write permission")
-        refused(invoke("sample", "--base", base_dir, "--out", locked / "s.png"), "no write permission")
-    finally:
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create entries in. For a normal user, a read-only folder (mode 555); root
+    writes through permission bits, so for root /proc/self, where the kernel refuses new entries to everyone."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "ro"
+        locked.mkdir()
+        locked.chmod(0o555)
+        yield locked
         locked.chmod(0o755)
+        return
+    locked = Path("/proc/self")
+    if not locked.is_dir() or os.access(locked, os.W_OK):
+        pytest.skip("running as root without a /proc/self that refuses writes: no folder root cannot write")
+    yield locked
+
+
+def test_read_only_output_folder_is_refused(unwritable_folder, base_dir):
+    refused(invoke("compress", "--base", base_dir, "--out", unwritable_folder / "run"), "no write permission")
+    refused(invoke("sample", "--base", base_dir, "--out", unwritable_folder / "s.png"), "no write permission")
+    refused(invoke("pretrain", "--out", unwritable_folder / "run", "--steps", "1"), "no write permission")
+    assert not (unwritable_folder / "run").exists() and not (unwritable_folder / "s.png").exists()
 
 
 def test_out_holding_other_files_is_refused(tmp_path, base_dir):
@@ -335,6 +348,23 @@ def test_rgb_data_for_a_grayscale_base_is_refused(tmp_path, base_dir):
     # pretrain follows the images' channels (or --channels)
     assert load_image_folder(data, image_size=8, channels=None).images.shape[1] == 3
     assert load_image_folder(image_folder(tmp_path / "grey"), image_size=8, channels=None).images.shape[1] == 1
+
+
+@pytest.mark.parametrize(("mode", "channels", "expected"), [("RGB", None, 3), ("RGB", "1", 1), ("L", "3", 3)])
+def test_pretrain_builds_a_model_with_the_channels_of_the_data(tmp_path, mode, channels, expected):
+    data = image_folder(tmp_path / "data", mode=mode)
+    out = tmp_path / "pre"
+    args = ["pretrain", "--data", data, "--out", out, "--num-layers", "1", "--steps", "1", "--batch-size", "2"]
+    args += ["--warmup-steps", "0", "--image-size", "8", *(["--channels", channels] if channels else [])]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["in_channels"] == config["out_channels"] == expected and config["sample_size"] == 8
+    assert config["num_embeds_ada_norm"] == 2  # the folder's two classes
+    model = load_base_model(out / "model")
+    with torch.no_grad():
+        sample = model(torch.zeros(1, expected, 8, 8), torch.tensor([5]), class_labels=torch.tensor([1])).sample
+    assert sample.shape[1] == expected
 
 
 def test_sixteen_bit_images_keep_their_range(tmp_path):

@@ -73,6 +73,7 @@ def test_pretrain_writes_model_checkpoint_and_log(pretrained):
 def test_compress_writes_artifact_and_model(compressed):
     assert sorted(p.name for p in (compressed / "artifact").iterdir()) == [
         "diffcr_config.json",
+        "diffcr_fine_tuning.json",  # the run's mode: diffcr.load copies in the run's fine-tuned weights
         "diffcr_weights.safetensors",
     ]
     names = {p.name for p in (compressed / "model").iterdir()}

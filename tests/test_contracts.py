@@ -1,10 +1,13 @@
 """A routed model keeps diffusers' contracts: offloading, save_pretrained / from_pretrained, EMA, gradient
-checkpointing, dtype casts and pickling. Each test runs on tiny DiT and PixArt models (the `case` fixture)."""
+checkpointing, dtype casts and pickling. Each test runs on tiny DiT, PixArt, SD3 and Flux models (the `case`
+fixture)."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import logging
 import pickle
 
 import pytest
@@ -13,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffcr
-from conftest import PixArtCase, run
+from conftest import PixArtCase, all_blocks, run
 from diffcr import DiffCRConfig
 
 T_MIXED = [10, 300, 600, 900]
@@ -62,13 +65,22 @@ def _saved(model, folder=None):
     return diffcr.save(model, folder or tempfile.mkdtemp())
 
 
-def test_model_cpu_offload_matches_plain_routed_model(case):
+@pytest.mark.parametrize("when", ["apply_then_offload", "offload_then_apply"])
+def test_model_cpu_offload_matches_plain_routed_model(case, when):
     from accelerate import cpu_offload_with_hook
 
     expected = output(routed(case), case)
-    model, hook = cpu_offload_with_hook(routed(case), execution_device="cpu")
+    if when == "apply_then_offload":
+        model, hook = cpu_offload_with_hook(routed(case), execution_device="cpu")
+    else:
+        model, hook = cpu_offload_with_hook(case.model(), execution_device="cpu")
+        diffcr.load(model, _saved(routed(case)))
+        assert type(model).__name__ == type(case.model()).__name__ and diffcr.is_frozen(model)
     torch.testing.assert_close(output(model, case), expected, atol=0, rtol=0)
     hook.offload()
+    torch.testing.assert_close(output(model, case), expected, atol=0, rtol=0)  # onloaded again by the hook
+    diffcr.remove(model)
+    torch.testing.assert_close(output(model, case), output(case.model(), case), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("when", ["apply_then_offload", "offload_then_apply"])
@@ -101,6 +113,24 @@ def test_no_split_modules_name_the_routed_blocks():
     assert "DiffCRBasicTransformerBlock" not in model._no_split_modules
 
 
+def test_no_split_modules_name_the_routed_blocks_of_every_family(case):
+    """diffusers builds an automatic device map from `_get_no_split_modules`: it must name the routed blocks, or,
+    for a family that declares none (DiT), refuse `device_map="auto"` as it does for the dense model."""
+    model = routed(case)
+    base_cls = type(model)._diffcr_base_class
+    block_names = {type(block).__name__ for block in model.transformer_blocks}
+    assert block_names and all(name.startswith("DiffCR") for name in block_names)
+    if base_cls._no_split_modules is None:  # DiT: diffusers does not support device_map="auto"
+        assert model._no_split_modules is None
+        with pytest.raises(ValueError, match="does not support `device_map='auto'`"):
+            model._get_no_split_modules("auto")
+    else:
+        no_split = set(model._get_no_split_modules("auto"))
+        assert block_names <= no_split and set(base_cls._no_split_modules) <= no_split
+    diffcr.remove(model)
+    assert model._no_split_modules == base_cls._no_split_modules
+
+
 # -- save_pretrained / from_pretrained / EMA ----------------------------------------------------------------------
 def test_save_pretrained_writes_clean_base_and_artifact(case, tmp_path):
     model = routed(case)
@@ -129,6 +159,120 @@ def test_save_pretrained_writes_clean_base_and_artifact(case, tmp_path):
     # the routed model itself still holds its DiffCR weights and keeps working after saving
     assert any(k.startswith("diffcr.") for k in model.state_dict())
     torch.testing.assert_close(output(model, case), expected, atol=0, rtol=0)
+
+
+@pytest.fixture
+def diffusers_log(caplog):
+    """caplog, also fed by diffusers' loggers (they do not propagate to the root logger)."""
+    library = logging.getLogger("diffusers")
+    library.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING)
+    yield caplog
+    library.removeHandler(caplog.handler)
+
+
+NOT_EXPECTED = "are not expected and will be ignored"
+
+
+def _ema_folder(model, folder):
+    from diffusers.training_utils import EMAModel
+
+    EMAModel(model.parameters(), model_cls=type(model), model_config=model.config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "ema_with_base_class"])
+def test_plain_load_of_a_routed_folder_warns(case, tmp_path, diffusers_log, loader):
+    from diffusers.training_utils import EMAModel
+
+    model = routed(case)
+    base_cls = type(model)._diffcr_base_class
+    if loader == "from_pretrained":
+        model.save_pretrained(tmp_path)
+        dense = base_cls.from_pretrained(tmp_path)
+    else:
+        dense = EMAModel.from_pretrained(_ema_folder(model, tmp_path), model_cls=base_cls)
+    # diffusers' own warning, naming the marker, whose value says what to do
+    warned = [r.getMessage() for r in diffusers_log.records if "diffcr_artifact" in r.getMessage()]
+    assert warned and NOT_EXPECTED in warned[0] and base_cls.__name__ in warned[0]
+    assert "diffcr.from_pretrained(folder)" in warned[0]
+    assert not diffcr.is_applied(dense if loader == "from_pretrained" else base_cls.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "diffcr.from_pretrained",
+        "diffcr.load",
+        "routed_class.from_pretrained",
+        "routed_class.from_config",
+        "ema_with_routed_class",
+    ],
+)
+def test_diffcr_loaders_round_trip_without_the_marker_warning(case, tmp_path, diffusers_log, loader):
+    from diffusers.training_utils import EMAModel
+
+    model = routed(case)
+    expected = output(model, case)
+    routed_cls = type(model)
+    model.save_pretrained(tmp_path)
+    diffusers_log.clear()
+    if loader == "diffcr.from_pretrained":
+        loaded = diffcr.from_pretrained(tmp_path)
+    elif loader == "diffcr.load":
+        loaded = diffcr.load(case.model(), tmp_path)
+    elif loader == "routed_class.from_pretrained":
+        loaded = routed_cls.from_pretrained(tmp_path)
+    elif loader == "routed_class.from_config":
+        loaded = routed_cls.from_config(tmp_path)  # a routed model of that config: weights come separately
+        loaded.load_state_dict(model.state_dict())
+        diffcr.freeze(loaded)
+    else:
+        ema = EMAModel.from_pretrained(_ema_folder(model, tmp_path / "ema"), model_cls=routed_cls)
+        loaded = routed_cls.from_config(model.config)
+        ema.copy_to(loaded.parameters())
+        diffcr.freeze(loaded)
+    assert not [r.getMessage() for r in diffusers_log.records if "diffcr_artifact" in r.getMessage()]
+    assert diffcr.is_applied(loaded) and diffcr.is_frozen(loaded)
+    assert "diffcr_artifact" not in loaded.config
+    assert diffcr.get_config(loaded).replace(num_train_timesteps=None) == diffcr.get_config(model)
+    state, saved = loaded.state_dict(), model.state_dict()
+    assert set(state) == set(saved)
+    for name, value in saved.items():
+        torch.testing.assert_close(state[name], value, atol=0, rtol=0, msg=name)
+    # weights read by diffusers' loader differ in memory layout only: rounding-level differences
+    torch.testing.assert_close(output(loaded.eval(), case), expected, atol=1e-6, rtol=0)
+
+
+def test_the_marker_is_written_at_save_time_only(case, tmp_path):
+    model = routed(case)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "diffusers" not in saved.get("diffcr_artifact", "") and saved["diffcr_artifact"].startswith("diffcr/")
+    assert "diffcr_artifact" not in model.config
+    # a dense model loaded plainly carries the marker in its config; applying DiffCR again drops it
+    dense = type(model)._diffcr_base_class.from_pretrained(tmp_path)
+    assert "diffcr_artifact" in dense.config
+    diffcr.apply(dense)
+    assert "diffcr_artifact" not in dense.config
+    diffcr.remove(dense)
+    assert "diffcr_artifact" not in dense.config
+
+
+def test_a_compress_runs_model_folder_is_marked_and_loads_quietly(tmp_path, diffusers_log):
+    from conftest import DiTCase
+    from diffcr.train import finish_compression, load_compressed
+
+    model = routed(DiTCase, frozen=False)
+    written = finish_compression(model, tmp_path, "full")
+    expected = output(model.eval(), DiTCase)
+    assert "diffcr_artifact" in json.loads((written["model"] / "config.json").read_text())
+    diffusers_log.clear()
+    loaded = load_compressed(written["model"], written["model"])  # what `diffcr sample --artifact run/model` does
+    assert not [r for r in diffusers_log.records if "diffcr_artifact" in r.getMessage()]
+    torch.testing.assert_close(output(loaded, DiTCase), expected, atol=1e-6, rtol=0)
+    type(model)._diffcr_base_class.from_pretrained(written["model"])
+    assert [r for r in diffusers_log.records if "diffcr_artifact" in r.getMessage()]
 
 
 def test_from_pretrained_of_a_dense_folder_says_what_to_do(case, tmp_path):
@@ -214,10 +358,30 @@ def test_routed_model_pickles_and_deep_copies(case):
     for copy_of in (lambda m: pickle.loads(pickle.dumps(m)), _torch_save_load):
         clone = copy_of(model)
         assert diffcr.is_applied(clone) and diffcr.is_frozen(clone)
-        assert type(clone.transformer_blocks[0]) is type(model.transformer_blocks[0])
+        assert [type(b) for b in all_blocks(clone)] == [type(b) for b in all_blocks(model)]
         torch.testing.assert_close(output(clone, case), expected, atol=0, rtol=0)
         diffcr.remove(clone)
         torch.testing.assert_close(output(clone, case), output(case.model(), case), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_deepcopy_gives_an_equal_and_independent_model(case, frozen):
+    model = routed(case, frozen=frozen).eval()
+    expected = output(model, case)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(output(clone, case), expected, atol=0, rtol=0)
+    assert diffcr.is_frozen(clone) == frozen
+    # nothing is shared: every parameter is its own tensor, and the blocks route with the clone's controller
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not ours & {p.data_ptr() for p in clone.parameters()}
+    assert all(block._diffcr_controller is clone.diffcr for block in clone.transformer_blocks)
+    with torch.no_grad():
+        clone.diffcr.kept_ratio.fill_(0.1)
+        for router in clone.diffcr.routers:
+            router.weight.neg_()
+    diffcr.remove(clone)
+    assert diffcr.is_applied(model)
+    torch.testing.assert_close(output(model, case), expected, atol=0, rtol=0)
 
 
 def _torch_save_load(model):
@@ -291,8 +455,13 @@ def test_nan_timestep_is_a_clear_error(case):
 
 
 def test_timestep_outside_the_regions_range_is_a_clear_error(case):
-    if case.num_train_timesteps == 1:
-        pytest.skip("Flux receives sigma in [0, 1]; the case scales the suite's timesteps into it")
+    if case.num_train_timesteps == 1:  # Flux: handed the scheduler's step instead of sigma
+        model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4))
+        inputs = case.inputs(T_MIXED[:2])
+        inputs["timestep"] = torch.tensor([0.5, 999.0])
+        with pytest.raises(ValueError, match=r"fall outside \[0, 1\]"):
+            run(model, inputs)
+        return
     model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4, num_train_timesteps=10))
     with pytest.raises(ValueError, match=r"fall outside \[0, 10\].*set DiffCRConfig.num_train_timesteps"):
         output(model, case, timesteps=[5, 999])

@@ -133,3 +133,76 @@ def test_demo_cut_short_by_a_time_cap_says_so(pretrained, tmp_path):
 def test_demo_rejects_a_zero_time_cap(pretrained, tmp_path):
     result = CliRunner().invoke(app, ["demo", "--base", str(pretrained / "model"), "--minutes", "0"])
     assert result.exit_code == 2 and "minutes=0.0 must be a positive number" in result.output
+
+
+# -- the text-to-image demo flags its run the same way ---------------------------------------------------------
+def t2i_evaluation(planned=200, done=200, max_minutes=None, target=0.5, kept=0.5) -> tuple[dict, dict]:
+    """A synthetic text-to-image evaluation and judgement (only what the summary and the warnings read)."""
+    accuracy = {"digit_accuracy": 0.9, "empty_accuracy": 0.95, "image_accuracy": 0.8, "by_kind": {}}
+    evaluation = {
+        "speedup": 1.6,
+        "latency_per_image_s": {"dense": 0.2, "diffcr": 0.125},
+        "mean_kept_ratio": kept,
+        "psnr_vs_dense_db": 20.0,
+        "ssim_vs_dense": 0.8,
+        "training": assessment(planned, done, max_minutes, target, kept)["training"],
+    }
+    judgement = {"num_reference": 500, "dense": {"accuracy": accuracy, "fid": 10.0}}
+    judgement["diffcr"] = judgement["dense"]
+    return evaluation, judgement
+
+
+def test_t2i_summary_has_no_warning_when_the_run_did_what_it_planned():
+    from diffcr.t2i_demo import summary_table as t2i_summary
+
+    assert "WARNING" not in t2i_summary(*t2i_evaluation(kept=0.5 + KEPT_RATIO_TOLERANCE - 0.001))
+    evaluation, judgement = t2i_evaluation(kept=0.9)
+    del evaluation["training"]  # an evaluation without training facts (a plain `diffcr evaluate`)
+    assert "WARNING" not in t2i_summary(evaluation, judgement)
+
+
+def test_t2i_summary_warns_when_training_stopped_early_or_missed_its_target():
+    from diffcr.t2i_demo import summary_table as t2i_summary
+
+    evaluation, judgement = t2i_evaluation(done=90, max_minutes=5, kept=0.62)
+    table, _, warnings = t2i_summary(evaluation, judgement).partition("\n\n")
+    assert "measured sampling speedup" in table and "WARNING" not in table
+    lines = warnings.splitlines()
+    # the same lines as the class demo's, from the same helper
+    assert lines == run_warnings({"training": evaluation["training"], "mean_kept_ratio_sampling": 0.62})
+    assert "step 90 of 200" in lines[0] and "--minutes 5" in lines[0]
+    assert "0.620 vs target 0.500" in lines[1] and "less compressed" in lines[1]
+    assert "WARNING" not in t2i_summary(evaluation, judgement, warnings=False)
+
+
+def test_t2i_demo_cut_short_says_so_in_summary_and_report(tiny_scene_pipeline, tmp_path, monkeypatch):
+    from dataclasses import dataclass, replace
+
+    from diffcr.data import scenes
+    from diffcr.t2i_demo import T2IDemoRecipe, run_t2i_demo
+    from diffcr.t2i_demo import summary_table as t2i_summary
+
+    every_tenth = scenes.evaluation_prompts()[::10]  # every kind of prompt, a fifth of the sampling time
+    monkeypatch.setattr(scenes, "evaluation_prompts", lambda: every_tenth)
+
+    @dataclass(frozen=True)
+    class CappedRecipe(T2IDemoRecipe):
+        """The demo's recipe with a time cap that stops its training after one step (not the 2-step probe's)."""
+
+        def train_config(self, seed: int = 0):
+            cfg = super().train_config(seed)
+            return cfg if self.steps == 2 else replace(cfg, max_minutes=1e-5)
+
+    recipe = CappedRecipe(
+        steps=3, batch_size=2, sampler_steps=2, sample_batch_size=5, num_reference=20, num_router_prompts=1
+    )
+    out = tmp_path / "run"
+    result = run_t2i_demo(out, recipe, base=str(tiny_scene_pipeline), progress=False)
+    assert result["train_steps"] == 1
+    stopped, missed = result["warnings"]  # one step leaves the kept ratios near 1.0, far from the target 0.5
+    assert "WARNING: training stopped at step 1 of 3 planned (the --minutes 1e-05 time cap)" in stopped
+    assert "WARNING: the schedule missed its target" in missed and "vs target 0.500" in missed
+    assert t2i_summary(result["evaluation"], result["judgement"]).splitlines()[-2:] == [stopped, missed]
+    page = result["report"].read_text()
+    assert 'class="warning">WARNING: training stopped at step 1 of 3' in page and "1 of 3 planned steps" in page
+    assert "WARNING: the schedule missed its target" in page

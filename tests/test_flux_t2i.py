@@ -52,6 +52,67 @@ def test_flux_prediction_packs_latents_and_takes_sigma(run_dir):
     torch.testing.assert_close(cond["encoder_hidden_states"][1], conditioning.cache.empty_prompt["prompt_embeds"])
 
 
+def test_flux_compress_cuts_regions_on_sigma(run_dir):
+    """Flux receives sigma in [0, 1], so the regions of a compressed Flux cut [0, 1], not the scheduler's 1000 steps
+    (on [0, 1000] every training sample and every sampling step would fall in region 0)."""
+    import json
+
+    artifact = run_dir / "run" / "artifact"
+    saved = json.loads((artifact / "diffcr_config.json").read_text())
+    assert saved["num_train_timesteps"] == saved["config"]["num_train_timesteps"] == 1
+    assert json.loads((run_dir / "run" / "run.json").read_text())["diffcr"]["num_train_timesteps"] == 1
+    from diffcr.data.latent_cache import load_text_to_image_pipeline
+
+    model = diffcr.load(load_text_to_image_pipeline(run_dir / "pipe").transformer, artifact)
+    assert model.diffcr.regions_of(torch.tensor([0.1, 0.4, 0.6, 0.9]), 4) == [0, 1, 2, 3]
+    # training moved the kept ratio of every region its samples fell in (3 steps of 4 samples cover several)
+    trained = (model.diffcr.kept_ratio < 1.0).any(dim=0)  # (R,)
+    assert trained.sum() > 1, model.diffcr.kept_ratio
+
+
+def test_flux_training_checks_the_sigma_range(run_dir, tmp_path):
+    """A Flux config cuts [0, 1]: num_train_timesteps=1 trains, the scheduler's 1000 is refused, and so is a
+    conditioning that would hand Flux the scheduler's steps instead of sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffcr.data.latent_cache import LatentCaptionDataset, load_text_to_image_pipeline
+    from diffcr.train import TrainConfig, train
+    from diffcr.train.conditioning import TextConditioning
+
+    def run(name, num_train_timesteps, divisor=1000):
+        return train(
+            tmp_path / name,
+            load_text_to_image_pipeline(run_dir / "pipe").transformer,
+            TextConditioning(LatentCaptionDataset(run_dir / "cache"), timestep_divisor=divisor),
+            TrainConfig(mode="routers", steps=1, batch_size=2),
+            diffcr_config=diffcr.DiffCRConfig(timestep_regions=4, num_train_timesteps=num_train_timesteps),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            progress=False,
+        )
+
+    assert diffcr.get_config(run("sigma", 1).model).num_train_timesteps == 1
+    with pytest.raises(ValueError, match=r"num_train_timesteps=1000 but the model receives timesteps in \[0, 1\]"):
+        run("steps", 1000)
+    with pytest.raises(ValueError, match="set the conditioning's timestep_divisor to 1000"):
+        run("undivided", None, divisor=1.0)
+    assert not (tmp_path / "steps").exists() and not (tmp_path / "undivided").exists()
+
+
+def test_flux_sampling_routes_each_step_by_its_sigma(run_dir):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(run_dir / "pipe")
+    diffcr.load(pipe.transformer, run_dir / "run" / "artifact")
+    seen = []  # (the timestep the transformer received, its samples' regions), per call
+    pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((kwargs["timestep"][0].item(), m.diffcr._regions)), with_kwargs=True
+    )
+    pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, height=16, width=16, output_type="latent")
+    sigmas = pipe.scheduler.sigmas[:4].tolist()  # 1, 0.75, 0.5, 0.25
+    assert [t for t, _ in seen] == pytest.approx(sigmas)
+    assert [regions for _, regions in seen] == [[min(3, int(s * 4))] for s in sigmas]  # [[3], [3], [2], [1]]
+
+
 def test_sample_dense_and_routed_through_the_flux_pipeline(run_dir, tmp_path):
     from diffusers import FluxPipeline
 
@@ -70,7 +131,9 @@ def test_sample_dense_and_routed_through_the_flux_pipeline(run_dir, tmp_path):
                       generator=[torch.Generator().manual_seed(s) for s in (4, 5)]).images  # fmt: skip
         return (images * 255).round().astype(np.uint8)
 
-    np.testing.assert_array_equal(np.load(npz["dense"])["arr_0"], plain())
+    dense = np.load(npz["dense"])["arr_0"]
+    np.testing.assert_array_equal(dense, plain())
+    assert not np.array_equal(np.load(npz["routed"])["arr_0"], dense)  # the artifact's routing changed the images
     diffcr.load(pipe.transformer, run_dir / "run" / "artifact")
     np.testing.assert_array_equal(np.load(npz["routed"])["arr_0"], plain())
 

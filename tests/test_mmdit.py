@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffcr
-from conftest import SD3Case, run
+from conftest import SD3Case, run, skipped_entirely
 from diffcr import DiffCRConfig
 
 
@@ -88,12 +88,48 @@ def test_flops_count_the_text_tokens_of_joint_attention():
     assert with_text - without == text_share
 
 
-def test_every_adapter_runs_the_conformance_suite():
-    from conftest import CASES
-    from diffcr.adapters import ADAPTERS
+@pytest.mark.parametrize("skip", [[0], [1, 2]], ids=["first", "middle_and_last"])
+def test_skip_layer_guidance_skips_the_layer_and_keeps_the_others_routing(skip):
+    """Skip-layer guidance calls the transformer once more with `skip_layers`: those blocks must not run at all
+    (not even their routers), and every other block must route exactly as it would with those blocks removed."""
+    model = diffcr.apply(SD3Case.model(), DiffCRConfig(timestep_regions=4))
+    with torch.no_grad():
+        model.diffcr.kept_ratio.copy_(
+            torch.tensor([[0.5, 0.75, 0.25, 0.5], [0.25, 0.5, 0.75, 0.5], [0.5, 1.0, 0.25, 0.75]])
+        )
+        for router in model.diffcr.routers:
+            router.weight.normal_()
+    diffcr.freeze(model)
+    inputs = SD3Case.inputs([100, 300, 600, 900])  # one sample per region: each routes at its own kept ratios
+    router_calls = []
+    for layer, router in enumerate(model.diffcr.routers):
+        router.register_forward_hook(lambda m, a, out, layer=layer: router_calls.append(layer))
+    with torch.no_grad():
+        skipped = model(**inputs, skip_layers=skip).sample
+        assert set(router_calls) == set(range(3)) - set(skip)  # a skipped layer's router never ran
+        with skipped_entirely(model, skip):
+            reference = run(model, inputs)
+        plain = run(model, inputs)
+        dense = SD3Case.model()(**inputs, skip_layers=skip).sample
+    torch.testing.assert_close(skipped, reference, atol=0, rtol=0)
+    assert not torch.allclose(skipped, plain)  # the skip changed the output
+    assert not torch.allclose(skipped, dense)  # and routing is at work in the layers that ran
 
-    covered = {type(case.model(num_layers=1)).__name__ for case in CASES}
+
+def test_every_adapter_runs_the_conformance_suite():
+    from conftest import CASES, all_blocks
+    from diffcr.adapters import ADAPTERS, get_adapter
+    from diffcr.adapters.base import ROUTABLE_BLOCKS
+
+    models = [case.model() for case in CASES]
+    covered = {type(model).__name__ for model in models}
     assert set(ADAPTERS) <= covered, f"add a Case to tests/conftest.py for {sorted(set(ADAPTERS) - covered)}"
+    # every block kind diffcr routes is in some Case's model, where the suite's `all_blocks` reaches it
+    for model in models:
+        assert all_blocks(model) == get_adapter(model).blocks(model), type(model).__name__
+    kinds = {type(block).__name__ for model in models for block in all_blocks(model)}
+    missing = sorted(set(ROUTABLE_BLOCKS) - kinds)
+    assert not missing, f"no Case in tests/conftest.py builds a model with {missing} blocks"
 
 
 # -- Flux: double- and single-stream blocks, rotary positions -------------------------------------------------------
@@ -146,6 +182,31 @@ def test_flux_rotary_rows_follow_the_kept_tokens():
     assert cos.shape == (13, full_cos.shape[1])
     torch.testing.assert_close(cos, full_cos[rows], atol=0, rtol=0)
     torch.testing.assert_close(sin, full_sin[rows], atol=0, rtol=0)
+
+
+def test_guidance_distilled_flux_routes_exactly():
+    """Flux dev (`guidance_embeds=True`) adds a guidance embedding to each sample's conditioning: routing is exact at
+    kept 1.0, and a batch mixing timesteps and guidance values equals each sample run alone."""
+    from conftest import FluxCase, tiny_flux
+
+    def guided():
+        return tiny_flux(num_layers=1, num_single_layers=2, guidance_embeds=True)
+
+    inputs = {**FluxCase.inputs([100, 300, 600, 900]), "guidance": torch.tensor([1.0, 3.5, 5.0, 2.0])}
+    model = diffcr.apply(guided(), DiffCRConfig(timestep_regions=4))
+    with torch.no_grad():
+        dense = run(guided(), inputs)
+        assert torch.equal(run(model.eval(), inputs), dense)  # kept 1.0: the model's own blocks
+        model.diffcr.kept_ratio.copy_(torch.tensor([[1.0, 0.75, 0.5, 0.25]]).expand(3, 4))
+        for router in model.diffcr.routers:
+            router.weight.normal_()
+        together = run(model, inputs)
+        for b in range(4):
+            alone = run(model, {k: v if k.endswith("_ids") else v[b : b + 1] for k, v in inputs.items()})
+            torch.testing.assert_close(alone[0], together[b], atol=1e-6, rtol=0)
+        other_guidance = run(model, {**inputs, "guidance": torch.tensor([4.0, 1.0, 2.0, 6.0])})
+    assert not torch.allclose(together, dense)  # routed
+    assert not torch.allclose(other_guidance, together)  # the guidance embedding reaches the blocks
 
 
 def test_flux_regions_come_from_sigma_and_block_lists_name_routed_classes():

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import diffcr
+from conftest import skipped_entirely
 from diffcr.cli import app
 from t2i_helpers import build_tiny_sd3_pipeline, write_caption_folder
 
@@ -80,3 +81,33 @@ def test_sample_dense_and_routed_through_the_sd3_pipeline(run_dir, tmp_path):
     diffcr.load(pipe.transformer, run_dir / "run" / "artifact")  # the artifact in the pipeline, in two lines
     np.testing.assert_array_equal(np.load(npz["routed"])["arr_0"], plain())
     assert not np.array_equal(np.load(npz["routed"])["arr_0"], np.load(npz["dense"])["arr_0"])
+
+
+def test_skip_layer_guidance_through_the_pipeline_at_kept_below_one(run_dir):
+    """`skip_guidance_layers` makes the pipeline call the transformer once more per step on the conditional half,
+    with `skip_layers`: each such call must equal the routed transformer with those blocks skipped entirely."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(run_dir / "pipe")
+    model = diffcr.apply(pipe.transformer, diffcr.DiffCRConfig(timestep_regions=2))
+    with torch.no_grad():
+        model.diffcr.kept_ratio.copy_(torch.tensor([[0.5, 0.75], [0.25, 0.5]]))
+        for router in model.diffcr.routers:
+            router.weight.normal_()
+    diffcr.freeze(model)
+    calls = []  # (kwargs, output) of every transformer call
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append((dict(kwargs), out[0])), with_kwargs=True)
+    pipe(PROMPT, num_inference_steps=3, guidance_scale=4.5, output_type="latent", skip_guidance_layers=[0],
+         skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    skip_calls = [(kwargs, out) for kwargs, out in calls if kwargs.get("skip_layers")]
+    assert len(calls) == 5 and len(skip_calls) == 2  # steps 1 and 2 add a skip-layer call on the conditional half
+    for kwargs, out in skip_calls:
+        rest = {k: v for k, v in kwargs.items() if k != "skip_layers"}
+        with torch.no_grad():
+            with skipped_entirely(model, [0]):
+                expected = model(**rest)[0]
+            kept_all = model(**rest)[0]
+        assert out.shape[0] == 1
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert not torch.allclose(out, kept_all)  # the skip mattered

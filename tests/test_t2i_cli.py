@@ -31,10 +31,12 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
     pipe = build_tiny_pixart_pipeline(root / "pipe")
     data = write_caption_folder(root / "data", count=6)
-    (data / "lonely.txt").write_text("a caption with no image")
+    (data / "nocap.png").write_bytes((data / "img00.png").read_bytes())
     result = invoke("prepare", "--base", pipe, "--data", data, "--out", root / "cache", "--shard-size", 4)
     assert result.exit_code == 0, result.output
-    assert "6 image-caption pairs encoded" in result.output and "lonely.txt" in result.output
+    assert (
+        "6 image-caption pairs encoded" in result.output and "skipped" in result.output and "nocap.png" in result.output
+    )
     return root, pipe, root / "cache"
 
 
@@ -87,10 +89,12 @@ def test_artifact_loads_into_the_pipeline_in_two_lines(prepared, compressed, tmp
     images = pipe([PROMPT, PROMPT], num_inference_steps=3, output_type="np", use_resolution_binning=False,
                   generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images  # fmt: skip
     np.testing.assert_array_equal(np.load(npz)["arr_0"], (images * 255).round().astype(np.uint8))
-    # the fine-tuned transformer folder samples too (LoRA merged), and differs from routers on the base
+    # a lora run's artifact carries its LoRA: the two lines give the fine-tuned transformer folder's images exactly
+    folder_npz, grid = tmp_path / "m.npz", tmp_path / "m.png"
     result = invoke("sample", "--base", pipe_dir, "--artifact", compressed / "model", "--prompt", PROMPT,
-                    "--steps", 3, "--num", 1, "--out", tmp_path / "m.png")  # fmt: skip
+                    "--num", 2, "--steps", 3, "--seed", 3, "--out", grid, "--npz", folder_npz)  # fmt: skip
     assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(folder_npz)["arr_0"], np.load(npz)["arr_0"])
 
 
 def test_resume_on_text_is_bit_exact(prepared, tmp_path):
@@ -172,6 +176,16 @@ def test_prepare_reencodes_a_shard_whose_records_changed(tmp_path, prepared):
     from diffcr.data.latent_cache import LatentCaptionDataset
 
     assert LatentCaptionDataset(tmp_path / "c").captions(2) == ["a zero on the right", "two red dogs"]
+
+
+def test_a_caption_file_with_no_image_is_refused(prepared, tmp_path):
+    _, pipe, _ = prepared
+    data = write_caption_folder(tmp_path / "data", count=2)
+    (data / "lonely.txt").write_text("a caption with no image")
+    result = invoke("prepare", "--base", pipe, "--data", data, "--out", tmp_path / "c")
+    assert result.exit_code == 2, result.output
+    assert "captions with no image" in result.output and "lonely.txt" in result.output
+    assert "add the image or remove the caption file" in result.output and not (tmp_path / "c").exists()
 
 
 def test_more_bad_text_to_image_inputs(prepared, compressed, tmp_path):

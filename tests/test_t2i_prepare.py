@@ -19,18 +19,23 @@ def pipeline_dir(tmp_path_factory):
 
 def test_folder_source_reports_bad_records_by_name(tmp_path):
     folder = write_caption_folder(tmp_path / "data", count=3)
-    (folder / "orphan.txt").write_text("a cat")
     (folder / "blank.png").write_bytes((folder / "img00.png").read_bytes())
     (folder / "blank.txt").write_text("   ")
     (folder / "nocap.png").write_bytes((folder / "img00.png").read_bytes())
     source = read_caption_source(folder)
     assert [r.caption for r in source.records] == ["a zero on the right", "a one on the left", "a two on the right"]
     reasons = {name.rsplit("/", 1)[-1]: why for name, why in source.skipped}
-    assert reasons == {
-        "blank.txt": "empty caption",
-        "nocap.png": "image with no caption file nocap.txt",
-        "orphan.txt": "caption file with no image of the same name",
-    }
+    assert reasons == {"blank.txt": "empty caption", "nocap.png": "image with no caption file nocap.txt"}
+
+
+def test_a_caption_with_no_image_is_an_error(tmp_path):
+    # a caption the user wrote whose image is gone (renamed, lost) must not be trained around in silence
+    folder = write_caption_folder(tmp_path / "data", count=2)
+    (folder / "orphan.txt").write_text("a cat")
+    (folder / "lost.txt").write_text("a dog")
+    expected = r"captions with no image \(2 \.txt files with no image of the same name\): .*lost\.txt, .*orphan\.txt"
+    with pytest.raises(ValueError, match=expected):
+        read_caption_source(folder)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv"])
@@ -42,9 +47,15 @@ def test_manifest_sources(tmp_path, kind):
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     else:
         path.write_text("image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows))
+    expected = rf"captions with no image \(1 rows whose image .*\): manifest\.{kind} row 2 .*missing"
+    with pytest.raises(ValueError, match=expected):
+        read_caption_source(path)
+    path.write_text(path.read_text().replace("missing.png", "img01.png"))
     source = read_caption_source(path)
-    assert [(r.caption, r.image) for r in source.records] == [("a cat", folder / "img00.png")]
-    assert source.skipped == [(f"manifest.{kind} row 2 ({tmp_path / 'data/missing.png'})", "image file not found")]
+    assert [(r.caption, r.image) for r in source.records] == [
+        ("a cat", folder / "img00.png"),
+        ("a dog", folder / "img01.png"),
+    ]
     bad = tmp_path / f"bad.{kind}"
     bad.write_text('{"img": "x"}\n' if kind == "jsonl" else "img,text\nx,y\n")
     with pytest.raises(ValueError, match="needs an 'image'"):

@@ -7,8 +7,6 @@ and a forward pre-hook on the model records the timestep each sample receives.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
 import os
@@ -20,8 +18,15 @@ import torch
 from diffcr.adapters import get_adapter
 from diffcr.adapters.base import mlp_gate_hook, routed_class
 from diffcr.config import CONFIG_VERSION, DiffCRConfig
-from diffcr.contracts import execution_device, register_config, retarget_hooked_forward, routed_model_class
+from diffcr.contracts import (
+    execution_device,
+    quiet_artifact_marker,
+    register_config,
+    retarget_hooked_forward,
+    routed_model_class,
+)
 from diffcr.controller import DiffCRController
+from diffcr.fine_tuning import apply_fine_tuning, read_fine_tuning
 from diffcr.ratios import ratio_loss_value
 
 logger = logging.getLogger(__name__)
@@ -49,15 +54,17 @@ def _controller(model) -> DiffCRController:
 
 
 def _timestep_pre_hook(model, args, kwargs):
-    # bind by name: the timestep is the 2nd positional argument of DiT but the 3rd of PixArt
-    bound = _forward_signature(type(model)).bind_partial(*args, **kwargs).arguments
-    model._modules[ATTR].begin_forward(bound.get("timestep"), bound["hidden_states"].shape[0])
+    # by name or position (the timestep is the 2nd positional argument of DiT but the 3rd of PixArt), through
+    # positions read once per class: binding a signature at every call would be traced at every compile
+    positions = type(model)._diffcr_forward_positions
 
+    def argument(name: str):
+        if name in kwargs:
+            return kwargs[name]
+        position = positions.get(name)
+        return args[position] if position is not None and position < len(args) else None
 
-@functools.cache
-def _forward_signature(model_cls: type) -> inspect.Signature:
-    signature = inspect.signature(model_cls.forward)
-    return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
+    model._modules[ATTR].begin_forward(argument("timestep"), argument("hidden_states").shape[0])
 
 
 def apply(model, config: DiffCRConfig | None = None):
@@ -176,6 +183,10 @@ def _strip(model, handles) -> None:
             if "forward" in type(module).__dict__:
                 retarget_hooked_forward(module, type(module).forward, base_cls.forward)
             module.__class__ = base_cls
+            module.__dict__.pop("_diffcr_compiled_forward", None)
+            compile_arguments = module.__dict__.pop("_diffcr_compile_arguments", None)
+            if compile_arguments is not None:  # the block was compiled while routed: it stays compiled
+                module.compile(*compile_arguments[0], **compile_arguments[1])
     register_config(model, None)
     model._modules.pop(ATTR, None)
     model.__dict__.pop("_diffcr_handles", None)
@@ -468,7 +479,7 @@ def load(model, path: str | os.PathLike):
 
     Raises:
         ValueError: the artifact is corrupt, of a newer version, or made for another model (the message lists
-            every mismatch: class, depth, width).
+            every mismatch: class, depth, width), or a full run's model/ folder is missing.
     """
     description, tensors = read_artifact(path)
     adapter = get_adapter(model)
@@ -486,6 +497,8 @@ def load(model, path: str | os.PathLike):
     ]
     if mismatches:
         raise ValueError(f"DiffCR artifact {path} does not fit this model: " + "; ".join(mismatches))
+    # a lora / full run's change to the base weights, checked now: nothing in the model changes before apply
+    fine_tuning = read_fine_tuning(path, model)
     config = DiffCRConfig.from_dict(description["config"]).replace(
         num_train_timesteps=description["num_train_timesteps"]
     )
@@ -505,7 +518,7 @@ def load(model, path: str | os.PathLike):
     except BaseException:
         remove(model)
         raise
-    return model
+    return apply_fine_tuning(model, fine_tuning)
 
 
 def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
@@ -536,7 +549,8 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, subfolder:
     """
     model_cls = kwargs.pop("model_cls", None) or _model_class(pretrained_model_name_or_path, subfolder, kwargs)
     artifact = _artifact_folder(pretrained_model_name_or_path, subfolder, kwargs)
-    model = model_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    with quiet_artifact_marker():  # the marker in config.json warns plain loads, not this one
+        model = model_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
     return load(model, artifact)
 
 

@@ -8,9 +8,11 @@ folder. What it changes:
 
 - `save_pretrained` writes the clean base checkpoint (no `diffcr.*` keys) and the DiffCR artifact files
   (`diffcr/diffcr_weights.safetensors`, `diffcr/diffcr_config.json`) into the same folder; `config.json`
-  records the DiffCR config under `_diffcr` (diffusers ignores keys that start with "_"). A plain
-  `from_pretrained` of the folder gives the dense base; `diffcr.from_pretrained` or `diffcr.load` give the
-  routed model.
+  records the DiffCR config under `_diffcr` (diffusers ignores keys that start with "_") and a marker,
+  `diffcr_artifact`, that diffusers does not ignore: a plain `from_pretrained` of the folder gives the dense
+  base *and* logs diffusers' warning "The config attributes {'diffcr_artifact': ...} were passed to ..., but
+  are not expected and will be ignored", whose value says how to load the routed model. `diffcr.from_pretrained`
+  or `diffcr.load` give the routed model; diffcr's own loaders do not repeat the warning.
 - `from_config` / `from_pretrained` on the routed class return routed models, so that
   `EMAModel(model.parameters(), model_cls=type(model), model_config=model.config)` saves and loads routers and
   ratios with the base weights.
@@ -22,12 +24,25 @@ folder. What it changes:
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import inspect
+import logging
 import os
+import re
 
 from diffcr.adapters.base import ROUTABLE_BLOCKS, reduce_routed
 
 ATTR = "diffcr"
 CONFIG_KEY = "_diffcr"
+# a config key without the leading "_": diffusers warns about it on a plain load, so that the routed model
+# saved in a folder is never silently loaded dense; the value is what the warning shows the user
+MARKER_KEY = "diffcr_artifact"
+MARKER_VALUE = (
+    "diffcr/ holds the DiffCR routers and kept ratios of this model; this plain load gives the dense base, "
+    "load the routed model with diffcr.from_pretrained(folder)"
+)
+_MARKER_ENTRY = re.compile(rf"""(, )?{MARKER_KEY!r}: ('[^']*'|"[^"]*")(, )?""")
+_QUIET_MARKER: contextvars.ContextVar[bool] = contextvars.ContextVar("diffcr_quiet_marker", default=False)
 
 _ROUTED_MODEL_CLASSES: dict[type, type] = {}
 
@@ -45,7 +60,8 @@ def routed_class_name(block_name: str) -> str:
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):
-    """Write the clean base checkpoint and the DiffCR artifact into `save_directory`."""
+    """Write the clean base checkpoint and the DiffCR artifact into `save_directory`; `config.json` also gets the
+    `diffcr_artifact` marker, so that a plain diffusers load of the folder warns that it gives the dense base."""
     from diffcr import api
 
     base_cls = type(self)._diffcr_base_class
@@ -54,10 +70,13 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
         api.save(self, os.path.join(save_directory, api.PRETRAINED_SUBFOLDER))
     controller = self._modules[ATTR]
     names = list(self._modules)
+    internal = self._internal_dict
     del self._modules[ATTR]  # the base checkpoint holds the base weights only
+    self._internal_dict = type(internal)({**internal, MARKER_KEY: MARKER_VALUE})  # config.json only
     try:
         return base_cls.save_pretrained(self, save_directory, *args, **kwargs)
     finally:
+        self._internal_dict = internal
         self._modules[ATTR] = controller
         # keep the original module order (and so the order of `parameters()`, which optimizers and EMA rely on)
         for name in names:
@@ -68,7 +87,8 @@ def _from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
     """The routed model saved in `pretrained_model_name_or_path` (see `diffcr.from_pretrained`)."""
     from diffcr import api
 
-    return api.from_pretrained(pretrained_model_name_or_path, model_cls=cls._diffcr_base_class, **kwargs)
+    with quiet_artifact_marker():
+        return api.from_pretrained(pretrained_model_name_or_path, model_cls=cls._diffcr_base_class, **kwargs)
 
 
 def _from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -79,9 +99,10 @@ def _from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
     base_cls = cls._diffcr_base_class
     if isinstance(config, (str, os.PathLike)):  # a folder, as `EMAModel.from_pretrained` passes
         config = base_cls.load_config(config)
+    config = {k: v for k, v in dict(config or {}).items() if k != MARKER_KEY}  # the routed model is what it marks
     result = base_cls.from_config(config, return_unused_kwargs, **kwargs)
     model = result[0] if return_unused_kwargs else result
-    payload = dict(config or {}).get(CONFIG_KEY)
+    payload = config.get(CONFIG_KEY)
     if payload is None:
         raise ValueError(
             f"this config has no {CONFIG_KEY!r} entry, so it does not say how to route; build the dense model "
@@ -89,6 +110,48 @@ def _from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         )
     api.apply(model, DiffCRConfig.from_dict(payload))
     return result
+
+
+class _MarkerFilter(logging.Filter):
+    """Inside `quiet_artifact_marker`, drop the marker from diffusers' "config attributes ... are not expected"
+    warning (and the warning itself when the marker was the only such key); elsewhere, change nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _QUIET_MARKER.get():
+            return True
+        text = record.getMessage()
+        if not _MARKER_ENTRY.search(text):
+            return True
+        text = _MARKER_ENTRY.sub(lambda m: ", " if m.group(1) and m.group(3) else "", text)
+        if "attributes {} were" in text:  # the marker was the only unexpected key
+            return False
+        record.msg, record.args = text, ()
+        return True
+
+
+_MARKER_FILTER = _MarkerFilter()
+
+
+@contextlib.contextmanager
+def quiet_artifact_marker():
+    """Load base weights of a folder that a routed model saved, without diffusers' warning about the marker.
+
+    diffcr's own loaders use it: they go on to apply the artifact, so the warning meant for plain loads would
+    be wrong there. Other unexpected config keys are still reported.
+
+    Example:
+        >>> with quiet_artifact_marker():
+        ...     pass  # e.g. model_cls.from_pretrained(folder)
+    """
+    # diffusers' warning comes from this logger; adding a filter by name does not import diffusers
+    logger = logging.getLogger("diffusers.configuration_utils")
+    if _MARKER_FILTER not in logger.filters:
+        logger.addFilter(_MARKER_FILTER)
+    token = _QUIET_MARKER.set(True)
+    try:
+        yield
+    finally:
+        _QUIET_MARKER.reset(token)
 
 
 def _get_checkpointing_func(self):
@@ -140,10 +203,18 @@ def routed_model_class(model_cls: type) -> type:
             "from_pretrained": classmethod(_from_pretrained),
             "from_config": classmethod(_from_config),
             "_gradient_checkpointing_func": property(_get_checkpointing_func, _set_checkpointing_func),
+            # each forward argument's position after self, for the timestep pre-hook
+            "_diffcr_forward_positions": {
+                name: index for index, name in enumerate(list(inspect.signature(model_cls.forward).parameters)[1:])
+            },
         }
         for name in ("_no_split_modules", "_repeated_blocks"):
             if hasattr(model_cls, name):
                 namespace[name] = _with_routed_names(getattr(model_cls, name), routed_too=True)
+        if not namespace.get("_repeated_blocks"):
+            # routed blocks compile regionally by design (`adapters.base.compile_routed`), so diffusers'
+            # `compile_repeated_blocks` works on routed models whose base class names no repeated blocks
+            namespace["_repeated_blocks"] = [routed_class_name(name) for name in ROUTABLE_BLOCKS]
         # layerwise casting (fp8 storage) must not touch the routers: their scores pick the kept tokens
         patterns = list(getattr(model_cls, "_skip_layerwise_casting_patterns", None) or [])
         namespace["_skip_layerwise_casting_patterns"] = _with_routed_names(patterns, routed_too=False)
@@ -156,7 +227,8 @@ def register_config(model, payload: dict | None) -> None:
     internal = getattr(model, "_internal_dict", None)
     if internal is None:
         return
-    values = {k: v for k, v in internal.items() if k != CONFIG_KEY}
+    # a dense model loaded plainly from a routed model's folder carries the marker from its config.json: drop it
+    values = {k: v for k, v in internal.items() if k not in (CONFIG_KEY, MARKER_KEY)}
     if payload is not None:
         values[CONFIG_KEY] = payload
     model._internal_dict = type(internal)(values)

@@ -17,6 +17,12 @@ from torch import nn
 from diffcr.config import DiffCRConfig
 from diffcr.ratios import bracket, clamp_straight_through, snap_to_bin, timestep_region
 
+# `DiffCRController.compiled_key` beside the region shared by the batch: training routes eagerly under
+# torch.compile (its plans hold per-step Python values); a batch that mixes regions runs every kept count of a
+# block for the whole batch, each sample taking its own (static shapes, one graph for every mix)
+EAGER = -1
+MIXED = -2
+
 
 @dataclass
 class RoutingGroup:
@@ -49,6 +55,12 @@ class DiffCRController(nn.Module):
         self._inference_plans: list[list[RoutingGroup]] | None = None
         self._used_table: torch.Tensor | None = None
         self._used: dict[int, torch.Tensor] = {}
+        # what this forward runs under torch.compile: the region shared by the batch, or EAGER
+        self.compiled_key = 0
+        self._region_index: torch.Tensor | None = None
+        # (version of the ratio table, its snapped schedule): eval-mode plans read Python numbers, so that a
+        # compiled forward does not read the table's values (a graph break) at every call
+        self._snapped_cache = (self._table_version(), self.snapped_schedule())
 
     def forward(self) -> torch.Tensor:
         """The kept-ratio table (L, R).
@@ -71,10 +83,15 @@ class DiffCRController(nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
+    def train(self, mode: bool = True):
+        # model.eval() runs eagerly before a compiled forward: the moment to read the table
+        self._refresh_snapped()
+        return super().train(mode)
+
     def __getstate__(self):
         # the last forward's plan may hold autograd graph tensors, which cannot be deep-copied or pickled
         state = dict(self.__dict__)
-        state.update(_regions=None, _inference_plans=None, _used_table=None, _used={})
+        state.update(_regions=None, _inference_plans=None, _used_table=None, _used={}, _region_index=None)
         return state
 
     # -- per model call ---------------------------------------------------------------------------------
@@ -82,10 +99,49 @@ class DiffCRController(nn.Module):
         """Record each sample's timestep region (called by the model's forward pre-hook).
 
         Planning waits for the first block call: under offloading the ratios reach the device only then.
+        Also sets `compiled_key`, all that a compiled forward reads of the regions (see `_compiled_key`).
         """
-        self._regions = self.regions_of(timestep, batch_size)
         self._used = {}
         self._inference_plans = None
+        if torch.compiler.is_compiling():
+            self.compiled_key = self._compiled_key(timestep, batch_size)
+            return
+        self._regions = self.regions_of(timestep, batch_size)
+        self.compiled_key = self._key_of(self._regions, self._regions_matter(), timestep)
+
+    def _regions_matter(self) -> bool:
+        """Whether this forward's plan depends on the timestep regions."""
+        if self.config.timestep_regions == 1:
+            return False
+        if self.training and self.frozen_schedule is None:
+            return True
+        schedule = self.frozen_schedule or self._snapped_cache[1]
+        return any(len(set(row)) > 1 for row in schedule)
+
+    def _key_of(self, regions: list[int], regions_matter: bool, timestep) -> int:
+        """The region every sample falls in (0 when the plan does not depend on it), or MIXED / EAGER."""
+        if self.training and self.frozen_schedule is None:
+            return EAGER
+        if not regions_matter:
+            return 0
+        if len(set(regions)) == 1:
+            return regions[0]
+        device = timestep.device if torch.is_tensor(timestep) else None
+        self._region_index = torch.tensor(regions, device=device)  # (B,), read by the mixed compiled path
+        return MIXED
+
+    def _compiled_key(self, timestep, batch_size: int) -> int:
+        """Under torch.compile: what the compiled forward specialises on, so that recompiles stay bounded by the
+        number of regions (each mix of regions in a batch would otherwise compile again).
+
+        The timestep is read (a graph break, outside the block loop) only when the plan depends on it: a model
+        whose schedule is the same in every region, such as a fresh one (kept 1.0) or DiffCR-L, traces into one
+        graph (`fullgraph=True`, `torch.export`).
+        """
+        if not self._regions_matter():
+            self._regions = [0] * batch_size
+            return self._key_of(self._regions, False, timestep)
+        return _record_regions(self, timestep, batch_size)
 
     def regions_of(self, timestep, batch_size: int) -> list[int]:
         """The timestep region of each sample, from the timestep values the model receives."""
@@ -149,12 +205,40 @@ class DiffCRController(nn.Module):
             plans.append(shared[kept_per_sample])
         self._inference_plans = plans
 
+    @staticmethod
+    def _version_of(table: torch.Tensor) -> tuple[int, int] | None:
+        if table.is_inference():  # made under inference_mode: no version counter, so never taken as unchanged
+            return None
+        return (table._version, table.data_ptr())
+
+    def _table_version(self) -> tuple[int, int]:
+        return self._version_of(self.kept_ratio)
+
+    def _refresh_snapped(self) -> None:
+        version = self._table_version()
+        if self.kept_ratio.device.type != "meta" and (version is None or self._snapped_cache[0] != version):
+            self._snapped_cache = (version, self.snapped_schedule())
+
+    def _eval_schedule(self) -> list[list[float]]:
+        """What eval mode runs: the frozen schedule, or the table snapped to bins (re-read whenever the table
+        changed; a compiled forward uses the schedule read at the last eager call, `model.eval()` or load)."""
+        if self.frozen_schedule is not None:
+            return self.frozen_schedule
+        if not torch.compiler.is_compiling():
+            table = self()  # a module call: under offloading the table reaches the device here
+            version = self._version_of(table)
+            if version is None or self._snapped_cache[0] != version:
+                self._snapped_cache = (self._version_of(table), self._snapped_from(table))
+        return self._snapped_cache[1]
+
     def snapped_schedule(self) -> list[list[float]]:
         """The kept-ratio table snapped to the nearest bins: what eval mode and `freeze` run."""
+        return self._snapped_from(self())
+
+    def _snapped_from(self, table: torch.Tensor) -> list[list[float]]:
         bins = self.config.ratio_bins
-        low = min(bins)
-        table = self().detach().clamp(low, 1.0).tolist()
-        return [[snap_to_bin(value, bins) for value in row] for row in table]
+        values = table.detach().clamp(min(bins), 1.0).tolist()
+        return [[snap_to_bin(value, bins) for value in row] for row in values]
 
     # -- per block call ---------------------------------------------------------------------------------
     def layer_plan(self, layer: int, batch_size: int, device: torch.device) -> list[RoutingGroup]:
@@ -168,9 +252,11 @@ class DiffCRController(nn.Module):
                 )
             regions = [0] * batch_size
         if self.frozen_schedule is not None or not self.training:
+            if torch.compiler.is_compiling():
+                return self._compiled_layer_plan(layer, batch_size, device)
             if self._inference_plans is None or regions is not self._regions:
                 self._regions = regions
-                self._plan_inference(self.frozen_schedule or self.snapped_schedule(), device)
+                self._plan_inference(self._eval_schedule(), device)
             self._used[layer] = self._used_table[layer]
             return self._inference_plans[layer]
         # training: per region, the two bins around the clamped ratio, blended with differentiable weights;
@@ -190,6 +276,20 @@ class DiffCRController(nn.Module):
             return [(pair[0], weights_high), (pair[1], weights_low)]
 
         return self._group(bin_pairs, passes_of, device)
+
+    def _compiled_layer_plan(self, layer: int, batch_size: int, device: torch.device) -> list[RoutingGroup]:
+        """The eval plan of a compiled forward, from `compiled_key` alone (the batch shares one region)."""
+        kept = self._eval_schedule()[layer][self.compiled_key]
+        self._used[layer] = torch.full((batch_size,), kept, device=device)
+        return [RoutingGroup(None, [(kept, None)])]
+
+    def mixed_kept_ratios(self, layer: int, device: torch.device) -> tuple[list[float], torch.Tensor]:
+        """For a compiled forward whose batch mixes regions: block `layer`'s distinct kept ratios, and each
+        sample's kept ratio (B,) as a tensor (no Python value per sample, so no recompile per mix)."""
+        row = self._eval_schedule()[layer]
+        per_sample = torch.tensor(row, device=device)[self._region_index.to(device)]  # (B,)
+        self._used[layer] = per_sample
+        return sorted(set(row), reverse=True), per_sample
 
     def _group(self, keys: list, passes_of, device: torch.device) -> list[RoutingGroup]:
         """One `RoutingGroup` per distinct key, in order of first appearance."""
@@ -216,3 +316,10 @@ class DiffCRController(nn.Module):
                 "the last model call); run the model before asking for the ratio loss"
             )
         return torch.stack([self._used[layer] for layer in range(self.num_layers)])
+
+
+@torch.compiler.disable
+def _record_regions(controller: DiffCRController, timestep, batch_size: int) -> int:
+    """Read the timestep's regions eagerly (a graph break) and return the key a compiled forward runs."""
+    controller._regions = controller.regions_of(timestep, batch_size)
+    return controller._key_of(controller._regions, True, timestep)

@@ -159,9 +159,12 @@ def assess_text_to_image(
     features: str = "inception",
     clip_model: str | Path | None = None,
     progress: bool = True,
+    source: dict | None = None,
 ) -> dict:
     """Sample `prompts` with the dense pipeline and with DiffCR from the same seeds, batches alternating, and
-    measure both. `cfg` is a `diffcr.text_to_image.PromptSampleConfig`. Returns (and writes) the figures."""
+    measure both. `cfg` is a `diffcr.text_to_image.PromptSampleConfig`; `source` holds `transformer` and
+    `transformer_subfolder` when the pipeline's transformer comes from elsewhere. Returns (and writes) the
+    figures."""
     from diffcr.benchmark import peak_memory
     from diffcr.evaluation import psnr_ssim
     from diffcr.text_to_image import image_seeds, load_pipeline, sample_prompts
@@ -173,8 +176,9 @@ def assess_text_to_image(
     real = load_reference(reference, cfg.height or 0) if reference is not None and cfg.height else None
     if clip_model is not None:
         check_clip_model(clip_model)
-    dense = load_pipeline(base, "none")
-    routed = load_pipeline(base, artifact)
+    source = {key: value for key, value in (source or {}).items() if value is not None}
+    dense = load_pipeline(base, "none", **source)
+    routed = load_pipeline(base, artifact, **source)
     device = dense.transformer.device
     total = len(image_seeds(len(prompts), cfg))
     chunks = [list(range(i, min(i + cfg.batch_size, total))) for i in range(0, total, cfg.batch_size)]
@@ -199,6 +203,7 @@ def assess_text_to_image(
     psnr, ssim = psnr_ssim(as_float["diffcr"], as_float["dense"])
     result = {
         "base": str(base),
+        "transformer": source.get("transformer"),
         "artifact": str(artifact),
         "num_images": total,
         "steps": cfg.steps,

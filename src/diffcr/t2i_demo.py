@@ -244,14 +244,15 @@ def run_t2i_demo(
 
     Returns:
         {"evaluation", "judgement", "router_strokes", "report", "seconds", "train_seconds", "train_steps",
-        "schedule", "estimate", "artifact"}.
+        "schedule", "estimate", "artifact", "warnings"} (the warnings also follow the summary table).
     """
     import diffcr
+    from diffcr.assess import training_facts
     from diffcr.data.latent_cache import load_text_to_image_pipeline
     from diffcr.data.scenes import DigitScenes, evaluation_prompts
     from diffcr.models.tiny_dit import build_scheduler
     from diffcr.t2i_assess import assess_text_to_image
-    from diffcr.t2i_report import build_t2i_report
+    from diffcr.t2i_report import build_t2i_report, t2i_run_warnings
     from diffcr.text_to_image import load_pipeline
     from diffcr.train import finish_compression, train
     from diffcr.train.scene_conditioning import SceneConditioning
@@ -288,6 +289,9 @@ def run_t2i_demo(
     sample_cfg = recipe.sample_config(seed)
     evaluation_dir = out_dir / "evaluation"
     evaluation = assess_text_to_image(base, artifact, prompts, sample_cfg, evaluation_dir, progress=progress)
+    evaluation["training"] = training_facts(out_dir)  # for the warnings of the summary (and the report's)
+    for line in t2i_run_warnings(evaluation):
+        logger.warning(line)
     judgement = judge_evaluation(evaluation_dir, kinds, recipe.num_reference, seed)
     routed = load_pipeline(base, artifact)
     router_prompts = prompts[:: max(1, len(prompts) // recipe.num_router_prompts)][: recipe.num_router_prompts]
@@ -304,11 +308,15 @@ def run_t2i_demo(
         "schedule": diffcr.schedule(result.model),
         "estimate": estimate,
         "artifact": artifact,
+        "warnings": t2i_run_warnings(evaluation),
     }
 
 
-def summary_table(evaluation: dict, judgement: dict) -> str:
-    """The demo's result as a Markdown table: speed, prompt accuracy by kind, FID, closeness to dense."""
+def summary_table(evaluation: dict, judgement: dict, warnings: bool = True) -> str:
+    """The demo's result as a Markdown table: speed, prompt accuracy by kind, FID, closeness to dense; followed
+    (after a blank line) by the run's warnings (`t2i_run_warnings`), if any, unless `warnings` is False."""
+    from diffcr.t2i_report import t2i_run_warnings
+
     dense, routed = judgement["dense"], judgement["diffcr"]
     rows = [
         ("measured sampling speedup", "1.00x", f"{evaluation['speedup']:.2f}x"),
@@ -338,4 +346,5 @@ def summary_table(evaluation: dict, judgement: dict) -> str:
             ("computed tokens on strokes (chance)", "-", f"{strokes['on_stroke']:.1%} ({strokes['chance']:.1%})")
         )
     lines = ["| | dense | DiffCR |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
+    flagged = t2i_run_warnings(evaluation) if warnings else []
+    return "\n".join(lines + ([""] + flagged if flagged else []))

@@ -20,6 +20,13 @@ def is_text_to_image_run(run: dict) -> bool:
     return bool(data) and (Path(str(data)) / MANIFEST).is_file()
 
 
+def run_source(run: dict) -> dict:
+    """Where a run's transformer came from, when not from its pipeline (`compress --transformer`)."""
+    if not run.get("transformer"):
+        return {}
+    return {"transformer": run["transformer"], "transformer_subfolder": run.get("transformer_subfolder", "transformer")}
+
+
 def run_artifact(run_dir: Path) -> Path:
     """The fine-tuned transformer folder (lora / full) or the artifact of routers and ratios (routers)."""
     model_dir = run_dir / "model"
@@ -94,9 +101,34 @@ def pipeline_router_maps(pipe, prompt: str, cfg, path: Path, layers: list[int] |
     return path
 
 
+def t2i_run_warnings(figures: dict) -> list[str]:
+    """The class demo's run warnings (`diffcr.assess.run_warnings`) for a text-to-image evaluation: training
+    stopped before its planned steps, or the mean kept ratio is more than the tolerance from the target.
+
+    Args:
+        figures: the evaluation (`t2i_assessment.json`) with the run's "training" facts
+            (`diffcr.assess.training_facts`); without them, no warning.
+
+    Returns:
+        Lines starting with "WARNING:".
+
+    Example:
+        >>> t2i_run_warnings({"mean_kept_ratio": 0.9, "training": {"planned_steps": 200, "steps_done": 200,
+        ...                   "max_minutes": None, "target_kept_ratio": 0.5}})[0][:38]
+        'WARNING: the schedule missed its targe'
+    """
+    from diffcr.assess import run_warnings
+
+    return run_warnings(
+        {"training": figures.get("training") or {}, "mean_kept_ratio_sampling": figures.get("mean_kept_ratio")}
+    )
+
+
 def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `report.html` and its PNGs for an evaluated text-to-image run. Returns the HTML path."""
     import diffcr
+    from diffcr.assess import training_facts
+    from diffcr.data.latent_cache import pipeline_source
     from diffcr.report import _embed, plot_schedule, plot_training_curves, write_page
     from diffcr.text_to_image import PromptSampleConfig, load_pipeline
     from diffcr.train import read_metrics
@@ -106,8 +138,9 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     run = json.loads((run_dir / "run.json").read_text())
     figures = json.loads((evaluation_dir / "t2i_assessment.json").read_text())
+    figures["training"] = figures.get("training") or training_facts(run_dir)
     prompts = list(dict.fromkeys(np.load(evaluation_dir / "samples.npz")["prompts"].tolist()))  # in order, once
-    pipe = load_pipeline(run["base"], run_artifact(run_dir))
+    pipe = load_pipeline(run["base"], run_artifact(run_dir), **run_source(run))
     sched = diffcr.schedule(pipe.transformer)
     size = int(np.load(evaluation_dir / "samples.npz")["dense"].shape[1])
     cfg = PromptSampleConfig(
@@ -140,9 +173,14 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
 
     table = "".join(f"<tr><td>{html.escape(name)}</td><td>{cell(a)}</td><td>{cell(b)}</td></tr>" for name, a, b in rows)
     train = run["train"]
+    steps_done = len(read_metrics(run_dir))
+    planned = figures["training"].get("planned_steps") or steps_done
+    steps_text = f"{steps_done} steps" if steps_done >= planned else f"{steps_done} of {planned} planned steps"
+    warning_html = "".join(f'<p class="warning">{html.escape(line)}</p>\n' for line in t2i_run_warnings(figures))
+    source = pipeline_source(run["base"], run.get("transformer"))
     body = f"""<h1>DiffCR text-to-image report: {html.escape(str(run_dir))}</h1>
-<p>Pipeline {html.escape(str(run["base"]))}, data {html.escape(str(run["data"]))}.
-Mode <b>{html.escape(train["mode"])}</b>, {len(read_metrics(run_dir))} steps, batch {train["batch_size"]},
+{warning_html}<p>Pipeline {html.escape(source)}, data {html.escape(str(run["data"]))}.
+Mode <b>{html.escape(train["mode"])}</b>, {steps_text}, batch {train["batch_size"]},
 target kept ratio {run["diffcr"]["target_kept_ratio"]}, {run["diffcr"]["timestep_regions"]} timestep regions.
 {figures["num_images"]} images per model, {figures["steps"]} sampler steps, guidance {figures["guidance_scale"]},
 dense and DiffCR batches alternating from the same seeds.</p>

@@ -67,9 +67,12 @@ def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs
 
     Args:
         base: a diffusers PixArt-Sigma / PixArt-Alpha pipeline folder or repo id.
-        artifact: None / "none" for the dense pipeline; a folder written by `diffcr.save` (routers and ratios on
-            the pipeline's own transformer) or by a routed model's `save_pretrained` (a fine-tuned transformer
-            with its artifact: it replaces the pipeline's transformer).
+        artifact: None / "none" for the dense pipeline; a compress run's `artifact/` (routers and ratios on the
+            pipeline's own transformer, plus the run's LoRA or fine-tuned weights: `diffcr.fine_tuning`), any
+            `diffcr.save` folder, or a routed model's `save_pretrained` folder such as a run's `model/` (a
+            fine-tuned transformer with its artifact: it replaces the pipeline's transformer).
+        **kwargs: for `load_text_to_image_pipeline`: `transformer` and `transformer_subfolder` (a transformer
+            from elsewhere, e.g. PixArt-Sigma 512 px), `torch_dtype`, ...
     """
     import diffcr
     from diffcr.data.latent_cache import load_text_to_image_pipeline

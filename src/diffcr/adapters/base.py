@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
-from diffcr.controller import RoutingGroup
+from diffcr.controller import EAGER, MIXED, RoutingGroup
 from diffcr.ratios import num_kept_tokens
 from diffcr.routing import routed_forward
 
@@ -107,24 +106,35 @@ def _per_sample(plan: list, batch_size: int, device) -> list:
     return groups
 
 
-def _with_rotary_rows(base_forward, bound, args: tuple, kwargs: dict, kept_idx: torch.Tensor):
+def _with_rotary_rows(block, args: tuple, kwargs: dict, kept_idx: torch.Tensor, text_len: int, rotary):
     """The block's arguments with the rotary table cut to the rows of the text tokens and one sample's kept image
     tokens (text rows first, as the table is laid out)."""
     if kept_idx.shape[0] != 1:
         raise RuntimeError("a rotary table follows the kept tokens of one sample at a time")
-    text_len = bound.arguments["encoder_hidden_states"].shape[1]
-    cos, sin = bound.arguments[ROTARY_ARGUMENT]
+    cos, sin = rotary
     rows = torch.cat([torch.arange(text_len, device=cos.device), text_len + kept_idx[0].to(cos.device)])
     table = (cos.index_select(0, rows), sin.index_select(0, rows))  # (T + k, D) each
     if ROTARY_ARGUMENT in kwargs:
         return args, {**kwargs, ROTARY_ARGUMENT: table}
-    position = list(_signature(base_forward).parameters).index(ROTARY_ARGUMENT) - 2  # after self, hidden_states
+    position = type(block)._diffcr_argument_positions[ROTARY_ARGUMENT]
     return (*args[:position], table, *args[position + 1 :]), kwargs
 
 
-@cache
-def _signature(forward) -> inspect.Signature:
-    return inspect.signature(forward)
+def argument_positions(forward) -> dict[str, int]:
+    """Each parameter's index among a block forward's arguments after (self, hidden_states)."""
+    return {name: index for index, name in enumerate(list(inspect.signature(forward).parameters)[2:])}
+
+
+def _argument(block, args: tuple, kwargs: dict, name: str):
+    """A block argument passed by name or by position (gradient checkpointing passes them by position), or None.
+
+    Read through positions computed once per block class: binding a signature at every call costs time, and
+    under torch.compile it would be traced at every compile.
+    """
+    if name in kwargs:
+        return kwargs[name]
+    position = type(block)._diffcr_argument_positions.get(name)
+    return args[position] if position is not None and position < len(args) else None
 
 
 def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
@@ -140,18 +150,52 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
         args, kwargs: the rest of the block's arguments, positional (gradient checkpointing) or named.
     """
     controller = block._diffcr_controller
+    if torch.compiler.is_compiling() and controller.compiled_key == EAGER:
+        return _eager_routed_block_call(block, base_forward, hidden_states, args, kwargs)
+    # regional compilation (`block.compile()`) compiles the block's own computation, whatever it runs on
+    base_forward = block.__dict__.get("_diffcr_compiled_forward", base_forward)
+    if torch.compiler.is_compiling() and controller.compiled_key == MIXED:
+        return _mixed_regions_call(block, base_forward, hidden_states, args, kwargs)
+    # 1. the plan: which kept ratios run for which samples
+    plan = controller.layer_plan(block._diffcr_layer, hidden_states.shape[0], hidden_states.device)
+    return _run_plan(block, base_forward, hidden_states, args, kwargs, plan)
+
+
+def _mixed_regions_call(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+    """A compiled forward whose batch mixes timestep regions: each of the block's kept ratios runs for the
+    whole batch, and each sample takes the output of its own. Exact (samples are independent in a block),
+    with static shapes, so one graph serves every mix; it costs one pass per distinct ratio of the block."""
+    controller = block._diffcr_controller
+    kept_ratios, per_sample = controller.mixed_kept_ratios(block._diffcr_layer, hidden_states.device)
+    result = None
+    for kept in kept_ratios:
+        output = _run_plan(block, base_forward, hidden_states, args, kwargs, [RoutingGroup(None, [(kept, None)])])
+        result = output if result is None else _where_sample(per_sample == kept, output, result)
+    return result
+
+
+def _where_sample(chosen: torch.Tensor, output, other):
+    """Per sample (chosen: (B,) bool), `output` where chosen else `other`; tuples (text, image) element-wise."""
+    if isinstance(output, tuple):
+        return tuple(_where_sample(chosen, a, b) for a, b in zip(output, other))
+    if output is None:
+        return None
+    return torch.where(chosen.view(-1, *([1] * (output.dim() - 1))), output, other)
+
+
+def _run_plan(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwargs: dict, plan: list):
+    """The routed block call for a given plan (see `routed_block_call`)."""
+    controller = block._diffcr_controller
     layer = block._diffcr_layer
     batch_size, num_tokens, _ = hidden_states.shape
-    # 1. the plan: which kept ratios run for which samples
-    plan = controller.layer_plan(layer, batch_size, hidden_states.device)
     kept_counts = {num_kept_tokens(kept, num_tokens) for group in plan for kept, _ in group.passes}
     if kept_counts == {num_tokens} and all(w is None for group in plan for _, w in group.passes):
         return base_forward(block, hidden_states, *args, **kwargs)  # dense: zero overhead
-    bound = _signature(base_forward).bind(block, hidden_states, *args, **kwargs)
-    if bound.arguments.get("attention_mask") is not None:
+    if _argument(block, args, kwargs, "attention_mask") is not None:
         raise NotImplementedError("DiffCR routing does not support a self-attention mask over image tokens")
     joint = type(block)._diffcr_base_class.__name__ in JOINT_BLOCKS
-    rotary = bound.arguments.get(ROTARY_ARGUMENT)
+    text_in = _argument(block, args, kwargs, "encoder_hidden_states") if joint else None  # (B, T, C)
+    rotary = _argument(block, args, kwargs, ROTARY_ARGUMENT)
     if rotary is not None and kept_counts - {0, num_tokens}:
         # the rotary table is shared by the batch, but each sample keeps its own tokens: run sample by sample,
         # each with the table's rows of its text and kept image tokens (see docs/METHOD.md, section 6b)
@@ -178,7 +222,7 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
 
         def block_fn(kept_tokens, mlp_gate, kept_idx, _args=group_args, _kwargs=group_kwargs, _texts=text_outputs):
             if rotary is not None and kept_idx is not None:
-                _args, _kwargs = _with_rotary_rows(base_forward, bound, _args, _kwargs, kept_idx)
+                _args, _kwargs = _with_rotary_rows(block, _args, _kwargs, kept_idx, text_in.shape[1], rotary)
             if mlp_gate is None:
                 out = base_forward(block, kept_tokens, *_args, **_kwargs)
             else:
@@ -205,11 +249,16 @@ def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tu
                 out = out + weight.to(update).view(-1, 1, 1) * update  # weight (b,) per sample
         outputs.append(out)
         if joint:
-            texts.append(_blend_text(group, num_tokens, text_outputs, _text_input(bound, group)))
+            texts.append(_blend_text(group, num_tokens, text_outputs, _text_input(text_in, group)))
     # 5. put the groups back in batch order
     inverse = None if len(outputs) == 1 else torch.argsort(torch.cat(order))
     image = _in_batch_order(outputs, inverse)  # (B, N, C)
     return (_in_batch_order(texts, inverse), image) if joint else image
+
+
+# under whole-model torch.compile, training and batches that mix timestep regions route eagerly: their plans
+# hold per-sample Python values that would each compile the forward again
+_eager_routed_block_call = torch.compiler.disable(routed_block_call)
 
 
 def _in_batch_order(parts: list, inverse: torch.Tensor | None):
@@ -219,9 +268,8 @@ def _in_batch_order(parts: list, inverse: torch.Tensor | None):
     return torch.cat(parts).index_select(0, inverse)
 
 
-def _text_input(bound, group) -> torch.Tensor:
-    """The text stream a joint block received, for this group's samples: (b, T, C)."""
-    text = bound.arguments["encoder_hidden_states"]
+def _text_input(text: torch.Tensor, group) -> torch.Tensor:
+    """The text stream a joint block received (B, T, C), for this group's samples: (b, T, C)."""
     return text if group.sample_idx is None else text.index_select(0, group.sample_idx.to(text.device))
 
 
@@ -263,7 +311,22 @@ def reduce_routed(self, protocol):
     """Pickle a routed module by its base class: the generated subclass has no importable name, and is made
     again on loading."""
     base_cls = type(self)._diffcr_base_class
-    return (rebuild_routed, (base_cls, type(self)._diffcr_factory), self.__getstate__())
+    state = self.__getstate__()
+    # a compiled function cannot be pickled (torch drops its own `_compiled_call_impl` the same way)
+    state.pop("_diffcr_compiled_forward", None)
+    return (rebuild_routed, (base_cls, type(self)._diffcr_factory), state)
+
+
+def compile_routed(self, *args, **kwargs):
+    """Regional compilation of a routed block (`block.compile()`, diffusers' `compile_repeated_blocks`).
+
+    Compiles the block's own computation on whatever tokens it runs (all, or the kept ones) and leaves
+    routing (planning, top-k, gather, scatter) eager, so `fullgraph=True` holds and each distinct kept count
+    adds at most one graph. The arguments are those of `torch.compile`.
+    """
+    base_forward = type(self)._diffcr_base_class.forward
+    self.__dict__["_diffcr_compiled_forward"] = torch.compile(base_forward, *args, **kwargs)
+    self.__dict__["_diffcr_compile_arguments"] = (args, kwargs)
 
 
 def routed_class(block_cls: type) -> type:
@@ -282,6 +345,8 @@ def routed_class(block_cls: type) -> type:
                 "_diffcr_base_class": block_cls,
                 "_diffcr_factory": staticmethod(routed_class),
                 "__reduce_ex__": reduce_routed,
+                "compile": compile_routed,
+                "_diffcr_argument_positions": argument_positions(base_forward),
             },
         )
     return _ROUTED_CLASSES[block_cls]

@@ -57,6 +57,17 @@ FLAG_OF_FIELD = {
 }
 
 
+# `--transformer` / `--transformer-subfolder`: one wording for prepare, compress, sample and evaluate
+TRANSFORMER_HELP = (
+    "text-to-image: a transformer folder or repo id that replaces the pipeline's own, e.g. "
+    "PixArt-alpha/PixArt-Sigma-XL-2-512-MS with --base PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+)
+TRANSFORMER_SUBFOLDER_HELP = (
+    "where the transformer sits inside --transformer ('' = its top level; a local folder without this subfolder "
+    "is read at its top level)"
+)
+
+
 def with_flag_names(message: str) -> str:
     """`label_drop_prob=nan must ...` -> `--drop-prob: label_drop_prob=nan must ...`: the flag a person typed."""
     import re

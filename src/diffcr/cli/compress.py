@@ -9,12 +9,13 @@ from pathlib import Path
 import typer
 
 from diffcr.cli import app
-from diffcr.cli.common import friendly_errors
+from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
 
 @app.command()
 @friendly_errors
 def compress(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("runs/compress"), help="run directory"),
     base: str = typer.Option(
         "default", help="'default' (shipped DiT), a diffusers DiT folder / repo id, or a PixArt pipeline (text)"
@@ -28,12 +29,19 @@ def compress(
     gate: str = typer.Option("straight_through", help="straight_through, sigmoid_block or sigmoid_mlp"),
     ratio_loss_weight: float = typer.Option(0.3, "--lambda", help="weight of the ratio loss"),
     config: Path = typer.Option(None, help="a DiffCRConfig JSON (overrides target/regions/gate/lambda)"),
+    recipe: Path = typer.Option(
+        None,
+        help="a training recipe JSON (DiffCR and training settings, e.g. configs/recipes/*.json); flags given "
+        "on the command line override its values",
+    ),
     steps: int = typer.Option(120),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-4, help="base (or LoRA) learning rate"),
     router_lr: float = typer.Option(1e-3),
     ratio_lr: float = typer.Option(1e-2),
     weight_decay: float = typer.Option(0.0, help="for base and routers; kept ratios are never decayed"),
+    grad_clip: float = typer.Option(1.0, help="clip the gradient norm to this (0 = no clipping; the authors: 0.01)"),
+    warmup_steps: int = typer.Option(0, help="linear learning-rate warm-up over this many steps"),
     lora_rank: int = typer.Option(32),
     distill: bool = typer.Option(False, help="match the frozen dense model instead of the data's noise"),
     drop_prob: float = typer.Option(0.1, help="probability of dropping the class label / caption (for guidance)"),
@@ -43,6 +51,8 @@ def compress(
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
     mixed_precision: str = typer.Option("auto"),
+    transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
+    transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
 ) -> None:
     """Compress a DiT with DiffCR; writes OUT/artifact (and OUT/model for lora / full)."""
     import torch
@@ -59,14 +69,13 @@ def compress(
         is_main_process,
         train,
     )
+    from diffcr.train.timesteps import model_timestep_range
 
-    # 1. every option is checked before anything is loaded or written
-    if config is not None:
-        diffcr_config = read_diffcr_config(config)
-    else:
-        diffcr_config = diffcr.DiffCRConfig(
-            target_kept_ratio=target, timestep_regions=regions, gate=gate, ratio_loss_weight=ratio_loss_weight
-        )
+    # 1. every option is checked before anything is loaded or written; a recipe sets what no flag was given for
+    given = given_options(ctx)
+    flags = {TRAIN_FIELD_OF_OPTION[name]: value for name, value in ctx.params.items() if name in TRAIN_FIELD_OF_OPTION}
+    diffcr_flags = {DIFFCR_FIELD_OF_OPTION[name]: ctx.params[name] for name in DIFFCR_FIELD_OF_OPTION}
+    diffcr_config, settings, from_recipe = resolve_settings(config, recipe, flags, diffcr_flags, given)
     text = is_prepared_cache(data)
     from diffcr.data.latent_cache import is_text_to_image_pipeline
 
@@ -77,23 +86,12 @@ def compress(
         )
     if not text:  # train() uses the recipe's DDPM scheduler; check the config against it before loading anything
         check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
-    cfg = TrainConfig(
-        mode=mode,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        router_lr=router_lr,
-        ratio_lr=ratio_lr,
-        weight_decay=weight_decay,
-        lora_rank=lora_rank,
-        distill=distill,
-        label_drop_prob=drop_prob,
-        gradient_checkpointing=gradient_checkpointing,
-        max_minutes=minutes,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        mixed_precision=mixed_precision,
-    )
+    if transformer is not None and not text:
+        raise ValueError(
+            "--transformer replaces the transformer of a text-to-image pipeline; a class-conditional --base is "
+            "one model already (pass it as --base)"
+        )
+    cfg = TrainConfig(**settings)
     if cfg.mode == "pretrain":
         raise ValueError("compress trains DiffCR: use --mode routers, lora or full (pretraining is `diffcr pretrain`)")
     check_mixed_precision(cfg.mixed_precision)
@@ -101,14 +99,20 @@ def compress(
 
     # 2. the base model, then the data at its image size and with the images' own channels (checked against it)
     if text:
-        model, train_set, scheduler = load_text_to_image(base, data)
-        check_diffcr_config(diffcr_config, scheduler.config.num_train_timesteps)
+        model, train_set, scheduler = load_text_to_image(base, data, transformer, transformer_subfolder)
+        timestep_range = model_timestep_range(model, scheduler)  # Flux receives sigma: T = 1
+        check_diffcr_config(diffcr_config, timestep_range.num_train_timesteps, timestep_range.continuous)
     else:
         (model, train_set), scheduler = load_class_conditional(base, data), None
 
     # 3. train and write, holding the run folder against a second run into the same --out
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     main = is_main_process()
+    if main and recipe is not None:
+        typer.echo(f"recipe {recipe}: " + ", ".join(f"{k}={settings[k]}" for k in from_recipe))
+    run_info = {"base": base, "data": data, "transformer": transformer}
+    if transformer is not None:
+        run_info["transformer_subfolder"] = transformer_subfolder
     with run_lock(out) if main else contextlib.nullcontext():
         result = train(
             out,
@@ -118,9 +122,9 @@ def compress(
             diffcr_config=diffcr_config,
             scheduler=scheduler,
             resume=resume,
-            run_info={"base": base, "data": data},
+            run_info=run_info,
         )
-        written = finish_compression(result.model, out, mode)
+        written = finish_compression(result.model, out, cfg.mode)
     if not main:
         return
     typer.echo(str(diffcr.schedule(result.model)))
@@ -151,17 +155,17 @@ def is_prepared_cache(data: str) -> bool:
     return (Path(data) / MANIFEST).is_file()
 
 
-def load_text_to_image(base: str, data: str):
+def load_text_to_image(base: str, data: str, transformer: str | None = None, transformer_subfolder: str | None = None):
     """(The pipeline's transformer, TextConditioning over the cache, the scheduler that defines its noising)."""
     from diffusers import DDPMScheduler
 
-    from diffcr.data.latent_cache import LatentCaptionDataset, load_text_to_image_pipeline
+    from diffcr.data.latent_cache import LatentCaptionDataset, load_text_to_image_pipeline, pipeline_source
     from diffcr.train.conditioning import TextConditioning
 
     cache = LatentCaptionDataset(data)
-    pipe = load_text_to_image_pipeline(base)
-    cache.check_pipeline(pipe, base)
-    transformer = pipe.transformer
+    pipe = load_text_to_image_pipeline(base, transformer, transformer_subfolder)
+    cache.check_pipeline(pipe, pipeline_source(base, transformer))
+    model = pipe.transformer
     # the forward process the pipeline's sampler inverts: flow matching as it is (SD3), else the same betas and
     # prediction type as a DDPM schedule (PixArt)
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):
@@ -170,11 +174,76 @@ def load_text_to_image(base: str, data: str):
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     conditioning = TextConditioning(
         cache,
-        use_additional_conditions=bool(transformer.config.get("use_additional_conditions")),
+        # the attribute, not the config key: diffusers decides at construction (a config without the key, as
+        # PixArt-XL-2-1024-MS's, gets micro-conditions when sample_size is 128); SD3 and Flux have none
+        use_additional_conditions=bool(getattr(model, "use_additional_conditions", False)),
         # Flux's transformer takes sigma in [0, 1] (its pipeline divides by 1000)
         timestep_divisor=scheduler.config.num_train_timesteps if type(pipe).__name__ == "FluxPipeline" else 1.0,
     )
-    return transformer, conditioning, scheduler
+    return model, conditioning, scheduler
+
+
+# flags whose values a recipe may set, by the setting they fill
+TRAIN_FIELD_OF_OPTION = {
+    "mode": "mode",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "router_lr": "router_lr",
+    "ratio_lr": "ratio_lr",
+    "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip",
+    "warmup_steps": "warmup_steps",
+    "lora_rank": "lora_rank",
+    "distill": "distill",
+    "drop_prob": "label_drop_prob",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "minutes": "max_minutes",
+    "checkpoint_every": "checkpoint_every",
+    "seed": "seed",
+    "mixed_precision": "mixed_precision",
+}
+DIFFCR_FIELD_OF_OPTION = {
+    "target": "target_kept_ratio",
+    "regions": "timestep_regions",
+    "gate": "gate",
+    "ratio_loss_weight": "ratio_loss_weight",
+}
+
+
+DEFAULT_SOURCES = ("DEFAULT", "DEFAULT_MAP")
+
+
+def given_options(ctx) -> set[str]:
+    """The options a person gave (on the command line or through the environment), not left at their defaults."""
+    # by name: typer ships its own copy of click, whose ParameterSource is another enum than click's
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items() if getattr(source, "name", "DEFAULT") not in DEFAULT_SOURCES}
+
+
+def resolve_settings(config: Path | None, recipe: Path | None, flags: dict, diffcr_flags: dict, given: set[str]):
+    """(The DiffCRConfig, TrainConfig keyword arguments, the training settings the recipe set) from --config,
+    --recipe and the flags.
+
+    Without a recipe, the flags (and --config, which replaces target/regions/gate/lambda). With one, its values
+    replace the flags' defaults, and every flag given on the command line (or --config) replaces its value.
+    """
+    import diffcr
+
+    if recipe is None:
+        diffcr_config = read_diffcr_config(config) if config is not None else diffcr.DiffCRConfig(**diffcr_flags)
+        return diffcr_config, dict(flags), []
+    from diffcr.train.recipe import Recipe
+
+    loaded = Recipe.from_json(recipe)
+    given_fields = {TRAIN_FIELD_OF_OPTION[name] for name in given if name in TRAIN_FIELD_OF_OPTION}
+    settings = loaded.train_settings(flags, given_fields)
+    from_recipe = sorted(set(loaded.train) - given_fields)
+    if config is not None:
+        return read_diffcr_config(config), settings, from_recipe
+    overrides = {DIFFCR_FIELD_OF_OPTION[name]: diffcr_flags[DIFFCR_FIELD_OF_OPTION[name]]
+                 for name in given if name in DIFFCR_FIELD_OF_OPTION}  # fmt: skip
+    return loaded.diffcr_config(overrides), settings, from_recipe
 
 
 def read_diffcr_config(path: Path):

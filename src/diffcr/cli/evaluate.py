@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from diffcr.cli import app
-from diffcr.cli.common import friendly_errors
+from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
 
 @app.command()
@@ -26,6 +26,8 @@ def evaluate(
     reference: Path = typer.Option(None, help="a folder of real images: FID of dense and of DiffCR against it"),
     features: str = typer.Option("inception", help="FID features: 'inception' or 'clip:PATH' (a local CLIP model)"),
     clip: Path = typer.Option(None, help="a local CLIP model folder: CLIP score of dense and of DiffCR"),
+    transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
+    transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
 ) -> None:
     """Latency per image, peak memory, PSNR/SSIM vs dense, FID and CLIP score: dense and DiffCR side by side."""
     from diffcr.checkpoint import check_writable_dir
@@ -39,7 +41,8 @@ def evaluate(
     check_writable_dir(out, "--out")
     if reference is not None:
         feature_extractor(features)  # a bad --features fails now, not after sampling
-    result = assess_text_to_image(base, artifact, texts, cfg, out, reference, features, clip)
+    source = {"transformer": transformer, "transformer_subfolder": transformer_subfolder}
+    result = assess_text_to_image(base, artifact, texts, cfg, out, reference, features, clip, source=source)
     latency = result["latency_per_image_s"]
     typer.echo(
         f"latency per image: dense {latency['dense']:.3f} s, DiffCR {latency['diffcr']:.3f} s "

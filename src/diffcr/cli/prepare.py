@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from diffcr.cli import app
-from diffcr.cli.common import friendly_errors
+from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
 
 @app.command()
@@ -21,11 +21,22 @@ def prepare(
     resolution: int = typer.Option(None, help="square crop size in pixels (default: the transformer's native size)"),
     batch_size: int = typer.Option(8, help="images encoded at once"),
     shard_size: int = typer.Option(256, help="records per shard file"),
+    transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
+    transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
 ) -> None:
     """Encode latents (VAE mean x scaling factor) and text embeddings once, for `diffcr compress --data CACHE`."""
     from diffcr.data.latent_cache import prepare_cache
 
-    manifest = prepare_cache(base, data, out, resolution=resolution, batch_size=batch_size, shard_size=shard_size)
+    manifest = prepare_cache(
+        base,
+        data,
+        out,
+        resolution=resolution,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        transformer=transformer,
+        transformer_subfolder=transformer_subfolder,
+    )
     for name, why in manifest["skipped"]:
         typer.echo(f"skipped {name}: {why}", err=True)
     typer.echo(

@@ -101,7 +101,7 @@ def report_text_to_image(run_dir: Path, run: dict, out, prompts, steps: int, ref
     """Evaluate a text-to-image run (unless done: RUN_DIR/evaluation) and write its report."""
     from diffcr.data.latent_cache import LatentCaptionDataset
     from diffcr.t2i_assess import assess_text_to_image
-    from diffcr.t2i_report import build_t2i_report, run_artifact
+    from diffcr.t2i_report import build_t2i_report, run_artifact, run_source
     from diffcr.text_to_image import PromptSampleConfig, read_prompts
 
     evaluation = run_dir / "evaluation"
@@ -110,5 +110,7 @@ def report_text_to_image(run_dir: Path, run: dict, out, prompts, steps: int, ref
         texts = read_prompts(None, prompts) if prompts else cache.captions(4)
         size = cache.manifest["resolution"]  # the size the run trained at
         cfg = PromptSampleConfig(steps=steps, num_per_prompt=2, batch_size=2, height=size, width=size)
-        assess_text_to_image(run["base"], run_artifact(run_dir), texts, cfg, evaluation, reference, features, clip)
+        artifact = run_artifact(run_dir)
+        source = run_source(run)
+        assess_text_to_image(run["base"], artifact, texts, cfg, evaluation, reference, features, clip, source=source)
     return build_t2i_report(run_dir, evaluation, out)

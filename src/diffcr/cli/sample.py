@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from diffcr.cli import app
-from diffcr.cli.common import friendly_errors
+from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
 
 @app.command()
@@ -35,6 +35,8 @@ def sample(
     ),
     npz: Path = typer.Option(None, help="also write arr_0 (n, H, W, C) uint8 and labels (or prompts) to this .npz"),
     threads: int = typer.Option(2, help="CPU threads per process"),
+    transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
+    transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
 ) -> None:
     """Sample images; under `accelerate launch` each process makes its shard of the seeds."""
     import os
@@ -63,7 +65,10 @@ def sample(
             guidance_scale=4.5 if guidance_scale is None else guidance_scale,
             batch_size=1 if batch_size is None else batch_size,
         )
-        return sample_text(base, artifact, prompt, prompts, out, npz, threads, **options)
+        source = {"transformer": transformer, "transformer_subfolder": transformer_subfolder}
+        return sample_text(base, artifact, prompt, prompts, out, npz, threads, source, **options)
+    if transformer is not None:
+        raise ValueError("--transformer replaces a text-to-image pipeline's transformer: pass --prompt or --prompts")
     from diffcr.data.latent_cache import is_text_to_image_pipeline
 
     if is_text_to_image_pipeline(base):
@@ -112,8 +117,11 @@ MAX_PER_CLASS = 10_000
 MAX_IMAGES = 1_000_000
 
 
-def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | None, threads: int, **options) -> None:
-    """Text-to-image through the PixArt pipeline at `base`, with the DiffCR artifact (or dense)."""
+def sample_text(
+    base, artifact, prompt, prompts_file, out: Path, npz: Path | None, threads: int, source: dict, **options
+) -> None:
+    """Text-to-image through the PixArt pipeline at `base` (with `source`'s transformer, when one is given), with
+    the DiffCR artifact (or dense)."""
     import numpy as np
     import torch
     from accelerate import Accelerator
@@ -166,7 +174,7 @@ def sample_text(base, artifact, prompt, prompts_file, out: Path, npz: Path | Non
     # 2. the pipeline and this process's share of the images
     torch.set_num_threads(threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    pipe = load_pipeline(base, artifact).to(accelerator.device)
+    pipe = load_pipeline(base, artifact, **source).to(accelerator.device)
     total = len(image_seeds(len(texts), cfg))
     mine = list(range(accelerator.process_index, total, accelerator.num_processes))
     images = sample_prompts(pipe, texts, cfg, indices=mine, progress=accelerator.is_main_process)

@@ -44,12 +44,16 @@ class CaptionSource:
 def read_caption_source(src: str | Path) -> CaptionSource:
     """Read the records of an image-caption source.
 
-    Empty captions and captions without an image are skipped and listed by name in `skipped` (the caller
-    reports them); images that do not decode are found later, when they are encoded.
+    Empty captions and images without a caption file are skipped and listed by name in `skipped` (the caller
+    reports them); images that do not decode are found later, when they are encoded. A caption whose image is
+    missing is an error: it is a caption the user wrote, and training silently without it would hide a renamed or
+    lost image.
 
     Raises:
         FileNotFoundError: `src` does not exist.
-        ValueError: the source has no usable record, or a manifest lacks the `image` / `caption` columns.
+        ValueError: the source has no usable record, a caption has no image (a `.txt` without a same-stem image, a
+            manifest row whose image file does not exist; the message names them), or a manifest lacks the
+            `image` / `caption` columns.
     """
     path = Path(src)
     if not path.exists():
@@ -74,11 +78,12 @@ def read_caption_source(src: str | Path) -> CaptionSource:
 def _from_folder(root: Path) -> CaptionSource:
     images = {p.stem: p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
     captions = {p.stem: p for p in sorted(root.rglob("*.txt")) if p.is_file()}
+    orphans = [str(captions[stem]) for stem in sorted(set(captions) - set(images))]
+    refuse_captions_without_images(
+        root, orphans, ".txt files with no image of the same name", "add the image or remove the caption file"
+    )
     records, skipped = [], []
-    for stem in sorted(set(images) | set(captions)):
-        if stem not in images:
-            skipped.append((str(captions[stem]), "caption file with no image of the same name"))
-            continue
+    for stem in sorted(images):
         if stem not in captions:
             skipped.append((str(images[stem]), f"image with no caption file {stem}.txt"))
             continue
@@ -109,19 +114,30 @@ def _from_manifest(path: Path) -> CaptionSource:
     rows = _manifest_rows(path)
     if rows and not all(isinstance(row, dict) and "image" in row and "caption" in row for row in rows):
         raise ValueError(f"{path}: every row needs an 'image' (path, relative to the manifest) and a 'caption'")
-    records, skipped = [], []
+    records, skipped, missing = [], [], []
     for number, row in enumerate(rows, start=1):
         image = Path(str(row["image"]))
         image = image if image.is_absolute() else path.parent / image
         name = f"{path.name} row {number} ({image})"
         caption = str(row["caption"] or "").strip()
         if not image.is_file():
-            skipped.append((name, "image file not found"))
+            missing.append(name)
         elif not caption:
             skipped.append((name, "empty caption"))
         else:
             records.append(CaptionRecord(str(image), caption, image))
+    refuse_captions_without_images(
+        path, missing, "rows whose image file does not exist", "fix their paths (relative to it) or drop the rows"
+    )
     return CaptionSource(records, skipped)
+
+
+def refuse_captions_without_images(source: Path, names: list[str], what: str, fix: str) -> None:
+    """Raise a ValueError naming (up to 10 of) the captions in `source` that have no image."""
+    if not names:
+        return
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    raise ValueError(f"{source} has captions with no image ({len(names)} {what}): {shown}; {fix}")
 
 
 def _from_datasets(path: Path) -> CaptionSource:

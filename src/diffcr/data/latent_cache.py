@@ -72,33 +72,67 @@ def is_text_to_image_pipeline(base: str | Path) -> bool:
         return False
 
 
-def load_text_to_image_pipeline(base: str | Path, **kwargs):
-    """A PixArt-Sigma or PixArt-Alpha pipeline through diffusers' `from_pretrained` (safetensors only).
+def load_text_to_image_pipeline(
+    base: str | Path, transformer: str | Path | None = None, transformer_subfolder: str | None = "transformer", **kwargs
+):
+    """A PixArt-Sigma or PixArt-Alpha pipeline (or SD3, Flux) through diffusers' `from_pretrained` (safetensors
+    only), optionally with its transformer loaded from elsewhere.
+
+    Args:
+        base: a pipeline folder or repo id (its `model_index.json` names the pipeline class).
+        transformer: None for the pipeline's own transformer; else a folder or repo id whose transformer replaces
+            it, as PixArt pairs its 512 px transformer (`PixArt-alpha/PixArt-Sigma-XL-2-512-MS`) with the parts of
+            `PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers` (see `diffcr.data.transformer_source`).
+        transformer_subfolder: where that transformer sits inside `transformer` (None or "": the top level).
+        **kwargs: passed to diffusers' `from_pretrained` (e.g. `torch_dtype`).
 
     Raises:
-        ValueError: `base` is another kind of pipeline, or not a pipeline.
+        ValueError: `base` is another kind of pipeline, or not a pipeline; the transformer cannot be loaded or
+            does not fit the pipeline's VAE and text encoder.
     """
     import diffusers
 
-    if str(base) == SHIPPED_TEXT_TO_IMAGE:
-        from diffcr.models.scene_pipeline import load_scene_pipeline
-
-        return load_scene_pipeline(dtype=kwargs.get("torch_dtype", torch.float32))
     from diffcr.models.scene_pipeline import is_scene_pipeline_folder, load_scene_pipeline
 
-    if is_scene_pipeline_folder(base):
+    shipped = str(base) == SHIPPED_TEXT_TO_IMAGE or is_scene_pipeline_folder(base)
+    if shipped and transformer is not None:
+        raise ValueError(
+            "--transformer replaces the transformer of a diffusers pipeline; the text-to-image default ships its own "
+            "(drop --transformer, or pass a diffusers PixArt pipeline as --base)"
+        )
+    if str(base) == SHIPPED_TEXT_TO_IMAGE:
+        return load_scene_pipeline(dtype=kwargs.get("torch_dtype", torch.float32))
+    if shipped:
         return load_scene_pipeline(base, dtype=kwargs.get("torch_dtype", torch.float32))
     name = pipeline_class_name(base)
     if name not in TEXT_TO_IMAGE_PIPELINES:
         raise ValueError(
             f"{base} holds a {name}; diffcr's text-to-image path supports {sorted(TEXT_TO_IMAGE_PIPELINES)} "
-            "(a diffusers PixArt pipeline folder or repo id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS)"
+            "(a diffusers pipeline folder or repo id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, or "
+            "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers with --transformer PixArt-alpha/PixArt-Sigma-XL-2-512-MS)"
         )
     pipe_cls = getattr(diffusers, name)
+    if transformer is not None:
+        from diffcr.data.transformer_source import load_transformer
+
+        # passed as a component, so diffusers neither loads nor downloads the pipeline's own transformer
+        kwargs["transformer"] = load_transformer(
+            transformer, transformer_subfolder, name, torch_dtype=kwargs.get("torch_dtype")
+        )
     try:
-        return pipe_cls.from_pretrained(str(base), use_safetensors=True, **kwargs)
+        pipe = pipe_cls.from_pretrained(str(base), use_safetensors=True, **kwargs)
     except OSError as err:
         raise ValueError(f"cannot load the {name} at {base} (diffcr reads safetensors weights only): {err}") from err
+    if transformer is not None:
+        from diffcr.data.transformer_source import check_transformer_fits
+
+        check_transformer_fits(pipe, transformer)
+    return pipe
+
+
+def pipeline_source(base: str | Path, transformer: str | Path | None = None) -> str:
+    """Where a pipeline came from, as runs and caches record it: "BASE", or "BASE + transformer T"."""
+    return str(base) if transformer is None else f"{base} + transformer {transformer}"
 
 
 def pipeline_identity(pipe, base: str | Path) -> dict:
@@ -164,10 +198,14 @@ def prepare_cache(
     shard_size: int = 256,
     progress: bool = True,
     device: str | None = None,
+    transformer: str | Path | None = None,
+    transformer_subfolder: str | None = "transformer",
 ) -> dict:
     """Encode `src` (see `diffcr.data.captions`) with the pipeline at `base` into the cache folder `out`.
 
     A rerun skips the shards already written; a cache made by another pipeline or resolution is refused.
+    `transformer` / `transformer_subfolder`: a transformer from elsewhere (`load_text_to_image_pipeline`); it sets
+    the default resolution and is recorded in the manifest, since a cache fits one transformer's input.
 
     Returns:
         The manifest (also written to `out/manifest.json`).
@@ -191,8 +229,8 @@ def prepare_cache(
         raise ValueError(f"--resolution {resolution} must be in [1, {MAX_RESOLUTION}] pixels (or omitted: native size)")
     source = read_caption_source(src)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_text_to_image_pipeline(base).to(device)
-    identity = pipeline_identity(pipe, base)
+    pipe = load_text_to_image_pipeline(base, transformer, transformer_subfolder).to(device)
+    identity = pipeline_identity(pipe, pipeline_source(base, transformer))
     resolution = default_resolution(pipe) if resolution is None else resolution
     multiple = size_multiple(pipe)
     if resolution < multiple or resolution % multiple:

@@ -1,5 +1,6 @@
 """Training: the loop (`loop`), its configuration and checks (`config`), run folders over time (`runs`),
-conditioning by class labels or text embeddings (`conditioning`), and what a run leaves behind (`export`)."""
+conditioning by class labels or text embeddings (`conditioning`), the timestep range regions cut (`timesteps`), and
+what a run leaves behind (`export`)."""
 
 from diffcr.train.config import (
     TrainConfig,
@@ -22,10 +23,12 @@ from diffcr.train.loop import (
     train,
 )
 from diffcr.train.runs import read_metrics, trainable_state
+from diffcr.train.timesteps import TimestepRange, model_timestep_range
 
 __all__ = [
     "LORA_TARGETS",
     "TrainConfig",
+    "TimestepRange",
     "TrainResult",
     "TrainingDiverged",
     "TrainingInterrupted",
@@ -40,6 +43,7 @@ __all__ = [
     "is_main_process",
     "load_compressed",
     "merge_lora",
+    "model_timestep_range",
     "prepare_model",
     "read_metrics",
     "resolve_mixed_precision",

@@ -136,11 +136,16 @@ def _check_float(name: str, value, low: float, low_open: bool, what: str) -> Non
 MAX_RATIO_LOSS_WEIGHT = 1e4
 
 
-def check_diffcr_config(diffcr_config, num_train_timesteps: int) -> None:
-    """Refuse a DiffCR config that cannot train against a scheduler with `num_train_timesteps` steps.
+def check_diffcr_config(diffcr_config, num_train_timesteps: int, continuous: bool = False) -> None:
+    """Refuse a DiffCR config that cannot train a model receiving timesteps in [0, `num_train_timesteps`].
+
+    Args:
+        num_train_timesteps: the end of the range the model receives (`diffcr.train.timesteps`): the scheduler's
+            steps for PixArt, DiT and SD3, 1 for Flux (sigma).
+        continuous: the model receives a continuous timestep, so any number of regions cuts its range.
 
     Raises:
-        ValueError: the config's `num_train_timesteps` is not the scheduler's (its regions would cut the wrong
+        ValueError: the config's `num_train_timesteps` is not the model's (its regions would cut the wrong
             timestep range), there are more regions than timesteps, or lambda is not finite or absurdly large.
     """
     if diffcr_config is None:
@@ -148,12 +153,12 @@ def check_diffcr_config(diffcr_config, num_train_timesteps: int) -> None:
     given = diffcr_config.num_train_timesteps
     if given is not None and given != num_train_timesteps:
         raise ValueError(
-            f"the DiffCR config has num_train_timesteps={given} but the noise scheduler trains on "
-            f"{num_train_timesteps} timesteps: its regions would cut the wrong range. Set num_train_timesteps to "
-            f"{num_train_timesteps} (or null, to take the scheduler's) in the config"
+            f"the DiffCR config has num_train_timesteps={given} but the model receives timesteps in "
+            f"[0, {num_train_timesteps}]: its regions would cut the wrong range. Set num_train_timesteps to "
+            f"{num_train_timesteps} (or null, to take the model's) in the config"
         )
     regions = diffcr_config.timestep_regions
-    if regions > num_train_timesteps:
+    if regions > num_train_timesteps and not continuous:
         raise ValueError(
             f"timestep_regions={regions} is more than the scheduler's {num_train_timesteps} timesteps; "
             f"use 1..{num_train_timesteps} regions (the paper uses 1 or 4)"

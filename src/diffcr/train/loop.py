@@ -36,6 +36,7 @@ from diffcr.train.runs import (
     _stop_if_diverged,
     _truncate_metrics,
 )
+from diffcr.train.timesteps import check_conditioning_timesteps, model_timestep_range
 
 logger = logging.getLogger(__name__)
 
@@ -325,8 +326,9 @@ def train(
         FileNotFoundError: `resume` is True but `run_dir` holds no checkpoint.
         CheckpointError: the checkpoint to resume from is damaged (the message names the file).
         RunInUse: another process is training into `run_dir`.
-        ValueError: the data does not fit the model, the DiffCR config does not fit the scheduler, `run_dir`
-            cannot be written, or a resumed run's settings differ from the saved ones.
+        ValueError: the data does not fit the model, the DiffCR config does not fit the timestep range the model
+            receives (the scheduler's; sigma's [0, 1] for Flux), `run_dir` cannot be written, or a resumed run's
+            settings differ from the saved ones.
     """
     from diffcr.models.tiny_dit import build_scheduler
 
@@ -334,9 +336,13 @@ def train(
     scheduler = scheduler or build_scheduler("ddpm")
     # every check that can fail runs before the first file is written or the first step is taken
     check_writable_dir(run_dir, "run folder")
-    if cfg.mode != "pretrain":
-        check_diffcr_config(diffcr_config, scheduler.config.num_train_timesteps)
+    routed = cfg.mode != "pretrain"
+    if routed:  # regions cut the range of the timestep the model receives (Flux: sigma in [0, 1])
+        timestep_range = model_timestep_range(base_model, scheduler)
+        check_diffcr_config(diffcr_config, timestep_range.num_train_timesteps, timestep_range.continuous)
     conditioning = as_conditioning(train_data, base_model)
+    if routed:
+        check_conditioning_timesteps(conditioning, scheduler, timestep_range, base_model)
     check_mixed_precision(cfg.mixed_precision)
     _checkpoint_to_resume(run_dir, resume, base_model, diffcr_config, cfg, run_info, log_changes=False)
     if not is_main_process():  # the main process holds the run folder's lock for all of them
@@ -359,7 +365,7 @@ def _train(
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available()
     )
-    num_train_timesteps = scheduler.config.num_train_timesteps
+    num_train_timesteps = scheduler.config.num_train_timesteps  # the steps drawn; the model may receive t / T
 
     teacher = None
     if cfg.distill:
@@ -368,8 +374,9 @@ def _train(
         from diffcr.config import DiffCRConfig
 
         diffcr_config = diffcr_config or DiffCRConfig()
-        if diffcr_config.num_train_timesteps is None:  # regions cut the range this scheduler trains on
-            diffcr_config = diffcr_config.replace(num_train_timesteps=num_train_timesteps)
+        if diffcr_config.num_train_timesteps is None:  # regions cut the range the model receives: Flux's is [0, 1]
+            received = model_timestep_range(base_model, scheduler).num_train_timesteps
+            diffcr_config = diffcr_config.replace(num_train_timesteps=received)
     model = prepare_model(base_model, cfg, diffcr_config)
     routed = cfg.mode != "pretrain"
     if routed:

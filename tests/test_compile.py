@@ -14,7 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import diffcr
-from conftest import tiny_pixart
+from conftest import FluxCase, SD3Case, tiny_pixart
+from conftest import run as conftest_run
 from diffcr.ratios import num_kept_tokens
 
 # per layer, one kept ratio per timestep region (4 regions of 250 steps)
@@ -173,3 +174,32 @@ def test_regional_compilation_trains_like_eager(dynamo):
     for grad, eager_grad in zip([p.grad for p in model.parameters()], eager_grads):
         torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-4)
     assert graph_breaks() == 0
+
+
+def test_compiled_model_routes_with_a_loaded_artifact(dynamo, tmp_path):
+    trained = routed_pixart(freeze=False)  # an artifact saved while its ratios still learn
+    diffcr.save(trained, tmp_path / "artifact")
+    model = tiny_pixart(num_layers=len(REGION_TABLE))
+    diffcr.load(model, tmp_path / "artifact")
+    compiled = torch.compile(model.eval())
+    with torch.no_grad():
+        for t in (UNIFORM[1], MIXED[0]):
+            torch.testing.assert_close(run(compiled, t), run(trained, t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [SD3Case, FluxCase], ids=["sd3", "flux"])
+def test_mmdit_families_compile_regionally_and_whole(dynamo, case):
+    model = diffcr.apply(case.model(), diffcr.DiffCRConfig(timestep_regions=4, gate="sigmoid_block"))
+    with torch.no_grad():
+        model.diffcr.kept_ratio.copy_(torch.tensor([[1.0, 0.75, 0.5, 0.25]]).expand_as(model.diffcr.kept_ratio))
+    model = diffcr.freeze(model).eval()
+    batches = [case.inputs(list(t), seed=1) for t in UNIFORM + MIXED[:1]]
+    expected = [conftest_run(model, inputs) for inputs in batches]
+    whole = torch.compile(model)
+    with torch.no_grad():
+        for inputs, value in zip(batches, expected):
+            torch.testing.assert_close(conftest_run(whole, inputs), value, atol=1e-5, rtol=1e-5)
+    model.compile_repeated_blocks(fullgraph=True)
+    with torch.no_grad():
+        for inputs, value in zip(batches, expected):
+            torch.testing.assert_close(conftest_run(model, inputs), value, atol=1e-5, rtol=1e-5)

@@ -311,6 +311,18 @@ def test_ema_of_routed_weights_round_trips(case, tmp_path):
     torch.testing.assert_close(target.diffcr.kept_ratio, shadow["diffcr.kept_ratio"], atol=0, rtol=0)
 
 
+def test_eval_routes_with_ratios_an_ema_copy_wrote(case):
+    from diffusers.training_utils import EMAModel
+
+    model = routed(case, frozen=False).eval()
+    output(model, case)  # an eval forward first: nothing of it may stick
+    other = routed(case, frozen=False)
+    with torch.no_grad():
+        other.diffcr.kept_ratio.fill_(0.5)  # another schedule, the same weights
+    EMAModel(other.parameters(), model_cls=type(other), model_config=other.config).copy_to(model.parameters())
+    torch.testing.assert_close(output(model, case), output(other.eval(), case), atol=0, rtol=0)
+
+
 # -- gradient checkpointing ----------------------------------------------------------------------------------------
 def _grads_after(case, checkpointing: bool, second_forward: str):
     """Backward of forward A, with another forward B (other timesteps) in between."""
@@ -511,3 +523,10 @@ def test_save_into_a_file_path_is_a_clear_error(case, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         diffcr.save(routed(case), blocker / "artifact")
+
+
+def test_from_pretrained_never_unpickles_the_base_weights(tmp_path):
+    routed(PixArtCase()).save_pretrained(tmp_path, safe_serialization=False)  # a pickled .bin, as someone may hand us
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(OSError, match="safetensors"):
+        diffcr.from_pretrained(tmp_path)

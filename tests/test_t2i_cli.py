@@ -212,3 +212,71 @@ def test_more_bad_text_to_image_inputs(prepared, compressed, tmp_path):
     result = invoke("sample", "--base", other, "--artifact", compressed / "model", "--prompt", "a cat",
                     "--out", tmp_path / "o.png")  # fmt: skip
     assert result.exit_code == 2 and "is not this pipeline's" in result.output
+
+
+def test_dtype_loads_the_pipeline_in_that_precision(prepared, compressed, tmp_path, monkeypatch):
+    import json
+
+    import diffcr.text_to_image
+    from diffcr.data.latent_cache import resolve_pipeline_dtype
+
+    root, pipe_dir, _ = prepared
+    assert resolve_pipeline_dtype("auto", cuda=True) == torch.bfloat16
+    assert resolve_pipeline_dtype("auto", cuda=False) == torch.float32
+    loaded = []
+    load_pipeline = diffcr.text_to_image.load_pipeline
+
+    def spy(*args, **kwargs):  # sample and evaluate load through it: record what they got
+        pipe = load_pipeline(*args, **kwargs)
+        loaded.append({pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype})
+        return pipe
+
+    monkeypatch.setattr(diffcr.text_to_image, "load_pipeline", spy)
+    sample = ("sample", "--base", pipe_dir, "--prompt", PROMPT, "--num", 1, "--steps", 2)
+    if not torch.cuda.is_available():  # the default on a CPU: fp32
+        result = invoke(*sample, "--artifact", "none", "--out", tmp_path / "fp32.png")
+        assert result.exit_code == 0, result.output
+        assert loaded.pop() == {torch.float32}
+    npz = tmp_path / "bf16.npz"
+    result = invoke(*sample, "--artifact", compressed / "artifact", "--out", tmp_path / "bf16.png", "--npz", npz,
+                    "--dtype", "bf16")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert loaded.pop() == {torch.bfloat16} and np.load(npz)["arr_0"].shape == (1, 16, 16, 3)
+    result = invoke("evaluate", "--base", pipe_dir, "--artifact", compressed / "artifact", "--prompt", PROMPT,
+                    "--num", 1, "--steps", 2, "--out", tmp_path / "e", "--dtype", "bf16")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert loaded == [{torch.bfloat16}, {torch.bfloat16}]  # dense and DiffCR alike
+    assert json.loads((tmp_path / "e" / "t2i_assessment.json").read_text())["dtype"] == "bfloat16"
+    # prepare computes in bf16 too, and its cache keeps latents in fp32 and text embeddings in bf16
+    result = invoke("prepare", "--base", pipe_dir, "--data", root / "data", "--out", tmp_path / "c", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    shard = load_file(str(tmp_path / "c" / "shard-00000.safetensors"))
+    assert (shard["latents"].dtype, shard["prompt_embeds"].dtype) == (torch.float32, torch.bfloat16)
+    for value, message in (("fp64", "is not one of auto, fp32, bf16, fp16"), ("fp16", "needs a CUDA GPU")):
+        if value == "fp16" and torch.cuda.is_available():
+            continue
+        result = invoke(*sample, "--artifact", "none", "--out", tmp_path / "x.png", "--dtype", value)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_sample_help_and_scheduler_for_text_to_image(prepared, tmp_path):
+    _, pipe_dir, _ = prepared
+    result = invoke("sample", "--help")
+    assert result.exit_code == 0
+    assert "clean_caption=False" in result.output and "class-conditional only" in result.output
+    result = invoke("sample", "--base", pipe_dir, "--artifact", "none", "--prompt", PROMPT, "--scheduler", "dpm",
+                    "--out", tmp_path / "s.png")  # fmt: skip
+    assert result.exit_code == 2 and "--scheduler picks the class-conditional sampler" in result.output
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_compress_warns_about_a_cache_at_another_resolution(prepared, tmp_path, caplog):
+    from diffcr.data.latent_cache import prepare_cache
+
+    root, pipe_dir, _ = prepared
+    prepare_cache(pipe_dir, root / "data", tmp_path / "cache32", resolution=32, progress=False)
+    with caplog.at_level("WARNING", logger="diffcr.data.latent_cache"):
+        result = invoke(*compress_args(pipe_dir, tmp_path / "cache32", tmp_path / "run", 1, "--mode", "routers"))
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if "native size" in r.getMessage()]
+    assert len(warned) == 1 and "prepared at 32 px, but the transformer's native size is 16 px" in warned[0]

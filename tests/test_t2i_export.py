@@ -160,3 +160,79 @@ def test_the_example_gives_the_trained_model_for_the_default_mode(prepared, tmp_
     image = pipe("a cat on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  use_resolution_binning=False).images[0]  # fmt: skip
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "diffcr.png")), np.asarray(image))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_load_that_fails_on_the_way_leaves_the_model_as_it_was(prepared, tmp_path, monkeypatch, mode):
+    from diffusers import PixArtSigmaPipeline
+
+    import diffcr.fine_tuning
+
+    compressed(prepared, tmp_path / "run", mode)
+    transformer = PixArtSigmaPipeline.from_pretrained(prepared[0]).transformer
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    # the last step of a load: merging the LoRA, or reading the fine-tuned weights
+    target = "merged_lora_weights" if mode == "lora" else "_copy_in"
+    monkeypatch.setattr(diffcr.fine_tuning, target, out_of_memory)
+    with pytest.raises(MemoryError):
+        diffcr.load(transformer, tmp_path / "run" / "artifact")
+    assert not diffcr.is_applied(transformer)
+    after = transformer.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_sharded_model_folder_loads_and_a_damaged_index_is_a_clear_error(prepared, tmp_path):
+    import json
+    import re
+
+    from diffusers import PixArtTransformer2DModel
+
+    from diffcr.fine_tuning import BASE_WEIGHTS, BASE_WEIGHTS_INDEX, read_fine_tuning
+
+    trained, written = compressed(prepared, tmp_path / "run", "full")
+    model_dir = written["model"]
+    shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
+    keys = list(PixArtTransformer2DModel.from_pretrained(prepared[0], subfolder="transformer").state_dict())
+    (model_dir / BASE_WEIGHTS).rename(model_dir / shard)
+    index = model_dir / BASE_WEIGHTS_INDEX
+
+    def transformer():
+        return PixArtTransformer2DModel.from_pretrained(prepared[0], subfolder="transformer")
+
+    damaged = {
+        "{not json": "is not valid JSON",
+        json.dumps({"metadata": {}}): "has no 'weight_map'",
+        json.dumps(["a list"]): "has no 'weight_map'",
+        json.dumps({"weight_map": {}}): "lists no shard file names",
+        json.dumps({"weight_map": {keys[0]: "gone.safetensors"}}): r"missing: \['gone\.safetensors'\]",
+    }
+    for text, message in damaged.items():
+        index.write_text(text)
+        with pytest.raises(ValueError, match=f"shard index {re.escape(str(index))}.*{message}"):
+            read_fine_tuning(written["artifact"], transformer())
+    # an intact index (as save_pretrained writes for a large model) gives the trained weights
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {key: shard for key in keys}}))
+    loaded = diffcr.load(transformer(), written["artifact"])
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.state_dict().items())
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), "1.0", None])
+def test_a_lora_scaling_that_is_not_a_finite_number_is_refused(prepared, tmp_path, scaling):
+    import json
+
+    from diffusers import PixArtTransformer2DModel
+
+    from diffcr.fine_tuning import FINE_TUNING_NAME, read_fine_tuning
+
+    _, written = compressed(prepared, tmp_path / "run", "lora")
+    record = written["artifact"] / FINE_TUNING_NAME
+    payload = json.loads(record.read_text())
+    payload["lora"]["scaling"] = scaling
+    record.write_text(json.dumps(payload))
+    transformer = PixArtTransformer2DModel.from_pretrained(prepared[0], subfolder="transformer")
+    with pytest.raises(ValueError, match=rf"{FINE_TUNING_NAME}: the LoRA scaling .* is not a finite number"):
+        read_fine_tuning(written["artifact"], transformer)

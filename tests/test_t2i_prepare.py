@@ -38,6 +38,38 @@ def test_a_caption_with_no_image_is_an_error(tmp_path):
         read_caption_source(folder)
 
 
+def test_subfolders_pair_each_image_with_the_caption_beside_it(tmp_path):
+    # the same file names in two subfolders are two records, each with its own caption
+    png = write_caption_folder(tmp_path / "src", count=1) / "img00.png"
+    for sub, caption in (("a", "a cat"), ("b", "a dog")):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        (tmp_path / "data" / sub / "0001.png").write_bytes(png.read_bytes())
+        (tmp_path / "data" / sub / "0001.txt").write_text(caption)
+    (tmp_path / "data" / "b" / "0002.png").write_bytes(png.read_bytes())
+    (tmp_path / "data" / "0002.txt").write_text("a red cat")  # not b/0002.png's caption: another folder
+    with pytest.raises(ValueError, match=r"captions with no image \(1 .*\): .*data/0002\.txt"):
+        read_caption_source(tmp_path / "data")
+    (tmp_path / "data" / "0002.txt").unlink()
+    source = read_caption_source(tmp_path / "data")
+    pairs = [(name.split("data/")[1], r.caption) for r in source.records for name in [r.name]]
+    assert pairs == [("a/0001.png", "a cat"), ("b/0001.png", "a dog")]
+    assert [(name.split("data/")[1], why) for name, why in source.skipped] == [
+        ("b/0002.png", "image with no caption file b/0002.txt")
+    ]
+
+
+def test_two_images_sharing_one_caption_are_refused(tmp_path):
+    folder = write_caption_folder(tmp_path / "data", count=2)
+    (folder / "img01.jpg").write_bytes((folder / "img01.png").read_bytes())
+    expected = r"1 caption files that more than one image would share \(img01\.txt: .*img01\.jpg, .*img01\.png\)"
+    with pytest.raises(ValueError, match=expected):
+        read_caption_source(folder)
+    # with no caption file, both images are skipped and reported, as any image without a caption
+    (folder / "img01.txt").unlink()
+    skipped = [name.rsplit("/", 1)[-1] for name, _ in read_caption_source(folder).skipped]
+    assert skipped == ["img01.jpg", "img01.png"]
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "csv"])
 def test_manifest_sources(tmp_path, kind):
     folder = write_caption_folder(tmp_path / "data", count=2)

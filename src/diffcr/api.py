@@ -515,10 +515,11 @@ def load(model, path: str | os.PathLike):
         controller.load_state_dict(tensors)
         if description.get("frozen"):
             freeze(model)
+        apply_fine_tuning(model, fine_tuning)  # changes no weight unless every new one is ready
     except BaseException:
         remove(model)
         raise
-    return apply_fine_tuning(model, fine_tuning)
+    return model
 
 
 def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
@@ -548,6 +549,7 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, subfolder:
         True
     """
     model_cls = kwargs.pop("model_cls", None) or _model_class(pretrained_model_name_or_path, subfolder, kwargs)
+    kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint someone hands us
     artifact = _artifact_folder(pretrained_model_name_or_path, subfolder, kwargs)
     with quiet_artifact_marker():  # the marker in config.json warns plain loads, not this one
         model = model_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

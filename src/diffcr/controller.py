@@ -58,9 +58,10 @@ class DiffCRController(nn.Module):
         # what this forward runs under torch.compile: the region shared by the batch, or EAGER
         self.compiled_key = 0
         self._region_index: torch.Tensor | None = None
-        # (version of the ratio table, its snapped schedule): eval-mode plans read Python numbers, so that a
-        # compiled forward does not read the table's values (a graph break) at every call
-        self._snapped_cache = (self._table_version(), self.snapped_schedule())
+        # the snapped schedule as Python numbers, so that a compiled forward does not read the table's values (a
+        # graph break); from the config, not the tensor, which may sit on the meta device here
+        initial = snap_to_bin(min(max(config.init_kept_ratio, min(config.ratio_bins)), 1.0), config.ratio_bins)
+        self._snapped_cache = [[initial] * config.timestep_regions for _ in range(num_layers)]
 
     def forward(self) -> torch.Tensor:
         """The kept-ratio table (L, R).
@@ -115,7 +116,7 @@ class DiffCRController(nn.Module):
             return False
         if self.training and self.frozen_schedule is None:
             return True
-        schedule = self.frozen_schedule or self._snapped_cache[1]
+        schedule = self.frozen_schedule or self._snapped_cache
         return any(len(set(row)) > 1 for row in schedule)
 
     def _key_of(self, regions: list[int], regions_matter: bool, timestep) -> int:
@@ -205,31 +206,24 @@ class DiffCRController(nn.Module):
             plans.append(shared[kept_per_sample])
         self._inference_plans = plans
 
-    @staticmethod
-    def _version_of(table: torch.Tensor) -> tuple[int, int] | None:
-        if table.is_inference():  # made under inference_mode: no version counter, so never taken as unchanged
-            return None
-        return (table._version, table.data_ptr())
-
-    def _table_version(self) -> tuple[int, int]:
-        return self._version_of(self.kept_ratio)
-
     def _refresh_snapped(self) -> None:
-        version = self._table_version()
-        if self.kept_ratio.device.type != "meta" and (version is None or self._snapped_cache[0] != version):
-            self._snapped_cache = (version, self.snapped_schedule())
+        if self.kept_ratio.device.type != "meta":
+            self._snapped_cache = self.snapped_schedule()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_snapped()  # load_state_dict (diffcr.load, checkpoints) changes the table: read it now
 
     def _eval_schedule(self) -> list[list[float]]:
-        """What eval mode runs: the frozen schedule, or the table snapped to bins (re-read whenever the table
-        changed; a compiled forward uses the schedule read at the last eager call, `model.eval()` or load)."""
+        """What eval mode runs: the frozen schedule, or the table snapped to bins, read at every eager forward
+        (writes through `.data`, as EMA's `copy_to` does, leave no trace to detect a change by). A compiled forward
+        does not read parameter values: it uses the table as read at the last eager forward, `model.eval()` /
+        `model.train()` or `load_state_dict`."""
         if self.frozen_schedule is not None:
             return self.frozen_schedule
         if not torch.compiler.is_compiling():
-            table = self()  # a module call: under offloading the table reaches the device here
-            version = self._version_of(table)
-            if version is None or self._snapped_cache[0] != version:
-                self._snapped_cache = (self._version_of(table), self._snapped_from(table))
-        return self._snapped_cache[1]
+            self._snapped_cache = self._snapped_from(self())  # a module call: offloading hooks see the read
+        return self._snapped_cache
 
     def snapped_schedule(self) -> list[list[float]]:
         """The kept-ratio table snapped to the nearest bins: what eval mode and `freeze` run."""

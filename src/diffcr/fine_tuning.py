@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,16 +105,30 @@ def strip_peft(model) -> None:
 
 
 def merge_lora(model, lora: LoRA) -> None:
-    """W <- W + scaling * B @ A for every adapted layer, in place.
+    """W <- W + scaling * B @ A for every adapted layer, in place (see `merged_lora_weights`)."""
+    _copy_in(model, merged_lora_weights(model, lora))
+
+
+def merged_lora_weights(model, lora: LoRA) -> dict[str, torch.Tensor]:
+    """The merged weight W + scaling * B @ A of every adapted layer, by parameter name; `model` is not changed.
 
     The sum is computed in fp32 on the CPU and cast to the weight's dtype and device, so the same base weights
     and LoRA give the same bits on any machine (a GPU matmul would sum in another order).
     """
+    merged = {}
     with torch.no_grad():
         for name, (a, b) in lora.matrices.items():
             weight = model.get_submodule(name).weight  # (out, in)
-            merged = weight.detach().float().cpu() + lora.scaling * (b @ a)
-            weight.copy_(merged.to(dtype=weight.dtype, device=weight.device))
+            value = weight.detach().float().cpu() + lora.scaling * (b @ a)
+            merged[f"{name}.weight"] = value.to(dtype=weight.dtype, device=weight.device)
+    return merged
+
+
+def _copy_in(model, values: dict[str, torch.Tensor]) -> None:
+    params = _base_state(model)
+    with torch.no_grad():
+        for key, value in values.items():
+            params[key].copy_(value)
 
 
 def save_fine_tuning(folder: str | Path, mode: str, lora: LoRA | None = None) -> Path:
@@ -181,11 +196,15 @@ def read_fine_tuning(path: str | Path, model) -> FineTuning | None:
 
 def apply_fine_tuning(model, fine_tuning: FineTuning | None):
     """Apply what `read_fine_tuning` found (already checked against `model`): merge the LoRA, or copy in the
-    fine-tuned weights. Returns the model."""
+    fine-tuned weights. Returns the model.
+
+    Every new weight is computed or read first and copied in only then, so a failure on the way (memory, a
+    damaged file) leaves the model's weights as they were.
+    """
     if fine_tuning is None:
         return model
     if fine_tuning.lora is not None:
-        merge_lora(model, fine_tuning.lora)
+        _copy_in(model, merged_lora_weights(model, fine_tuning.lora))
         logger.info(
             "merged the LoRA of the run (%d layers) from %s", len(fine_tuning.lora.matrices), fine_tuning.source
         )
@@ -193,11 +212,12 @@ def apply_fine_tuning(model, fine_tuning: FineTuning | None):
     from safetensors import safe_open
 
     params = _base_state(model)
-    with torch.no_grad():
-        for file in fine_tuning.base_weights:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    params[key].copy_(handle.get_tensor(key))
+    values = {}
+    for file in fine_tuning.base_weights:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                values[key] = handle.get_tensor(key).to(dtype=params[key].dtype, device=params[key].device)
+    _copy_in(model, values)
     logger.info("loaded the fine-tuned weights of the --mode full run from %s", fine_tuning.base_weights[0].parent)
     return model
 
@@ -260,7 +280,18 @@ def _read_lora(folder: Path, about, record: Path, model) -> LoRA:
             + "; load the artifact onto the transformer the run trained"
         )
     _refuse_offloaded(model, [f"{name}.weight" for name in matrices], "LoRA")
-    return LoRA(matrices, float(about["scaling"]), int(about["rank"]))
+    return LoRA(matrices, _lora_scaling(about["scaling"], record), int(about["rank"]))
+
+
+def _lora_scaling(value, record: Path) -> float:
+    """The LoRA `scaling` (lora_alpha / rank) an artifact records: a finite number, or a clear error."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number):
+        raise ValueError(
+            f"{record}: the LoRA scaling {value!r} is not a finite number (lora_alpha / rank, 1.0 for a diffcr run); "
+            "the record is damaged: export the run again (diffcr compress --resume)"
+        )
+    return float(number)
 
 
 def _full_weights(folder: Path, description: dict, record: Path, model) -> list[Path]:
@@ -272,7 +303,7 @@ def _full_weights(folder: Path, description: dict, record: Path, model) -> list[
     if (model_folder / BASE_WEIGHTS).is_file():
         files = [model_folder / BASE_WEIGHTS]
     elif index.is_file():
-        files = [model_folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = _shard_files(index)
     else:
         raise ValueError(
             f"{folder} holds the routers of a --mode full run, which trained them together with every base weight; "
@@ -295,3 +326,21 @@ def _full_weights(folder: Path, description: dict, record: Path, model) -> list[
         )
     _refuse_offloaded(model, [key for key, value in own.items() if isinstance(value, torch.nn.Parameter)], "weights")
     return files
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a `save_pretrained` index lists, each checked to exist; a damaged index is a ValueError."""
+    fix = "save the run's model/ folder again (or copy it whole from where the run wrote it)"
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"the shard index {index} is not valid JSON ({err}); {fix}") from err
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"the shard index {index} has no 'weight_map' of key -> shard file names; {fix}") from err
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"the shard index {index} lists no shard file names in its 'weight_map'; {fix}")
+    missing = [name for name in names if not (index.parent / name).is_file()]
+    if missing:
+        raise ValueError(f"the shard index {index} lists shard files that are missing: {missing[:5]}; {fix}")
+    return [index.parent / name for name in names]

@@ -163,8 +163,8 @@ def assess_text_to_image(
 ) -> dict:
     """Sample `prompts` with the dense pipeline and with DiffCR from the same seeds, batches alternating, and
     measure both. `cfg` is a `diffcr.text_to_image.PromptSampleConfig`; `source` holds `transformer` and
-    `transformer_subfolder` when the pipeline's transformer comes from elsewhere. Returns (and writes) the
-    figures."""
+    `transformer_subfolder` when the pipeline's transformer comes from elsewhere, and `torch_dtype` (both
+    pipelines are loaded in it; default fp32). Returns (and writes) the figures."""
     from diffcr.benchmark import peak_memory
     from diffcr.evaluation import psnr_ssim
     from diffcr.text_to_image import image_seeds, load_pipeline, sample_prompts
@@ -204,6 +204,7 @@ def assess_text_to_image(
     result = {
         "base": str(base),
         "transformer": source.get("transformer"),
+        "dtype": str(dense.transformer.dtype).removeprefix("torch."),  # what both pipelines computed in
         "artifact": str(artifact),
         "num_images": total,
         "steps": cfg.steps,

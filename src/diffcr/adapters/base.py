@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -324,8 +325,22 @@ def compile_routed(self, *args, **kwargs):
     routing (planning, top-k, gather, scatter) eager, so `fullgraph=True` holds and each distinct kept count
     adds at most one graph. The arguments are those of `torch.compile`.
     """
-    base_forward = type(self)._diffcr_base_class.forward
-    self.__dict__["_diffcr_compiled_forward"] = torch.compile(base_forward, *args, **kwargs)
+    compiled = torch.compile(type(self)._diffcr_base_class.forward, *args, **kwargs)
+
+    def forward_on_any_token_count(block, hidden_states, *block_args, **block_kwargs):
+        # the token and batch counts vary with the kept ratio and the routing group: traced as sizes from the
+        # start, so that every block of a class shares its graphs instead of exhausting dynamo's recompile limit
+        # (blocks share the forward's code object, and thus one cache)
+        torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
+        torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
+        rotary = block_kwargs.get(ROTARY_ARGUMENT)
+        if rotary is not None:  # Flux: the rows of the text and kept tokens
+            for table in rotary:
+                torch._dynamo.maybe_mark_dynamic(table, 0)
+        return compiled(block, hidden_states, *block_args, **block_kwargs)
+
+    functools.update_wrapper(forward_on_any_token_count, compiled)
+    self.__dict__["_diffcr_compiled_forward"] = forward_on_any_token_count
     self.__dict__["_diffcr_compile_arguments"] = (args, kwargs)
 
 

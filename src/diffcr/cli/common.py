@@ -62,6 +62,11 @@ TRANSFORMER_HELP = (
     "text-to-image: a transformer folder or repo id that replaces the pipeline's own, e.g. "
     "PixArt-alpha/PixArt-Sigma-XL-2-512-MS with --base PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 )
+# `--dtype`: one wording for prepare, sample and evaluate
+DTYPE_HELP = (
+    "text-to-image: the precision the pipeline is loaded in: auto (bf16 on a CUDA GPU, fp32 on a CPU), fp32, bf16, "
+    "or fp16 (CUDA only)"
+)
 TRANSFORMER_SUBFOLDER_HELP = (
     "where the transformer sits inside --transformer ('' = its top level; a local folder without this subfolder "
     "is read at its top level)"

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from diffcr.cli import app
-from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
+from diffcr.cli.common import DTYPE_HELP, TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
 
 @app.command()
@@ -28,20 +28,23 @@ def evaluate(
     clip: Path = typer.Option(None, help="a local CLIP model folder: CLIP score of dense and of DiffCR"),
     transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
     transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP + " (dense and DiffCR alike)"),
 ) -> None:
     """Latency per image, peak memory, PSNR/SSIM vs dense, FID and CLIP score: dense and DiffCR side by side."""
     from diffcr.checkpoint import check_writable_dir
+    from diffcr.data.latent_cache import resolve_pipeline_dtype
     from diffcr.t2i_assess import assess_text_to_image, feature_extractor
     from diffcr.text_to_image import PromptSampleConfig, read_prompts
 
     texts = read_prompts(prompt, prompts)
+    torch_dtype = resolve_pipeline_dtype(dtype)
     cfg = PromptSampleConfig(
         steps=steps, guidance_scale=guidance_scale, num_per_prompt=num, seed=seed, batch_size=batch_size
     )
     check_writable_dir(out, "--out")
     if reference is not None:
         feature_extractor(features)  # a bad --features fails now, not after sampling
-    source = {"transformer": transformer, "transformer_subfolder": transformer_subfolder}
+    source = {"transformer": transformer, "transformer_subfolder": transformer_subfolder, "torch_dtype": torch_dtype}
     result = assess_text_to_image(base, artifact, texts, cfg, out, reference, features, clip, source=source)
     latency = result["latency_per_image_s"]
     typer.echo(

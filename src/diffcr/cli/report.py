@@ -99,7 +99,7 @@ def check_classifier_fits(judge, model_config: dict, classifier: Path | None) ->
 
 def report_text_to_image(run_dir: Path, run: dict, out, prompts, steps: int, reference, features: str, clip) -> Path:
     """Evaluate a text-to-image run (unless done: RUN_DIR/evaluation) and write its report."""
-    from diffcr.data.latent_cache import LatentCaptionDataset
+    from diffcr.data.latent_cache import LatentCaptionDataset, resolve_pipeline_dtype
     from diffcr.t2i_assess import assess_text_to_image
     from diffcr.t2i_report import build_t2i_report, run_artifact, run_source
     from diffcr.text_to_image import PromptSampleConfig, read_prompts
@@ -111,6 +111,7 @@ def report_text_to_image(run_dir: Path, run: dict, out, prompts, steps: int, ref
         size = cache.manifest["resolution"]  # the size the run trained at
         cfg = PromptSampleConfig(steps=steps, num_per_prompt=2, batch_size=2, height=size, width=size)
         artifact = run_artifact(run_dir)
-        source = run_source(run)
+        # in bf16 on a GPU, fp32 on a CPU, as `diffcr evaluate --dtype auto`
+        source = {**run_source(run), "torch_dtype": resolve_pipeline_dtype("auto")}
         assess_text_to_image(run["base"], artifact, texts, cfg, evaluation, reference, features, clip, source=source)
     return build_t2i_report(run_dir, evaluation, out)

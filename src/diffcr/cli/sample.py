@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from diffcr.cli import app
-from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
+from diffcr.cli.common import DTYPE_HELP, TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
 
 @app.command()
@@ -26,7 +26,11 @@ def sample(
     width: int = typer.Option(None, help="text-to-image: pixels (default: the transformer's native size)"),
     num: int = typer.Option(8, help="images per class (or per prompt)"),
     seed: int = typer.Option(0, help="image i uses seed + i, whatever the batch size or process count"),
-    scheduler: str = typer.Option("ddim", help="ddim or dpm (DPM-Solver++)"),
+    scheduler: str = typer.Option(
+        None,
+        help="class-conditional only: ddim (default) or dpm (DPM-Solver++); text-to-image samples with the "
+        "pipeline's own scheduler, and refuses this flag",
+    ),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(None, help="classifier-free guidance (default 3.0; 4.5 for text)"),
     batch_size: int = typer.Option(None, help="images per model call (default 50; 1 for text, exact per seed)"),
@@ -37,8 +41,14 @@ def sample(
     threads: int = typer.Option(2, help="CPU threads per process"),
     transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
     transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
-    """Sample images; under `accelerate launch` each process makes its shard of the seeds."""
+    """Sample images; under `accelerate launch` each process makes its shard of the seeds.
+
+    Text-to-image: image i is the plain pipeline's image (loaded in the same --dtype) for the generator seeded
+    seed + i, called with clean_caption=False (prompts are used as typed: PixArt's caption cleaning needs bs4 and
+    ftfy) and use_resolution_binning=False (--height / --width are what you get), at --batch-size 1.
+    """
     import os
 
     import torch
@@ -60,12 +70,20 @@ def sample(
     from diffcr.train import load_compressed
 
     if prompt is not None or prompts is not None:
+        if scheduler is not None:
+            raise ValueError(
+                "--scheduler picks the class-conditional sampler; text-to-image samples with the pipeline's own "
+                "scheduler (drop --scheduler)"
+            )
         options = dict(negative_prompt=negative_prompt, height=height, width=width, num=num, seed=seed, steps=steps)
         options.update(
             guidance_scale=4.5 if guidance_scale is None else guidance_scale,
             batch_size=1 if batch_size is None else batch_size,
         )
+        from diffcr.data.latent_cache import resolve_pipeline_dtype
+
         source = {"transformer": transformer, "transformer_subfolder": transformer_subfolder}
+        source["torch_dtype"] = resolve_pipeline_dtype(dtype)
         return sample_text(base, artifact, prompt, prompts, out, npz, threads, source, **options)
     if transformer is not None:
         raise ValueError("--transformer replaces a text-to-image pipeline's transformer: pass --prompt or --prompts")
@@ -76,7 +94,7 @@ def sample(
     # 1. every option and every output path is checked before the model is loaded or anything is written
     guidance_scale = 3.0 if guidance_scale is None else guidance_scale
     cfg = SampleConfig(
-        scheduler=scheduler,
+        scheduler="ddim" if scheduler is None else scheduler,
         steps=steps,
         guidance_scale=guidance_scale,
         batch_size=50 if batch_size is None else batch_size,

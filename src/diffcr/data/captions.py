@@ -1,7 +1,8 @@
-"""Image-caption sources for text-to-image: a folder of images with same-stem `.txt` captions, a JSONL or CSV
-manifest with `image` and `caption` columns, or a `datasets` dataset saved with `save_to_disk`.
+"""Image-caption sources for text-to-image: a folder of images with same-stem `.txt` captions (searched
+recursively; `a/0001.jpg` pairs with `a/0001.txt`, never with `b/0001.txt`), a JSONL or CSV manifest with `image`
+and `caption` columns, or a `datasets` dataset saved with `save_to_disk`.
 
-Every source yields `CaptionRecord`s in a fixed order (sorted by name for folders, file order for manifests),
+Every source yields `CaptionRecord`s in a fixed order (sorted by path for folders, file order for manifests),
 so an encoded cache is deterministic and a rerun can skip the shards it already wrote.
 """
 
@@ -51,9 +52,10 @@ def read_caption_source(src: str | Path) -> CaptionSource:
 
     Raises:
         FileNotFoundError: `src` does not exist.
-        ValueError: the source has no usable record, a caption has no image (a `.txt` without a same-stem image, a
-            manifest row whose image file does not exist; the message names them), or a manifest lacks the
-            `image` / `caption` columns.
+        ValueError: the source has no usable record, a caption has no image (a `.txt` without a same-stem image in
+            its folder, a manifest row whose image file does not exist; the message names them), two images would
+            share one caption file (`x.png` and `x.jpg` beside `x.txt`; the message names both), or a manifest
+            lacks the `image` / `caption` columns.
     """
     path = Path(src)
     if not path.exists():
@@ -76,23 +78,48 @@ def read_caption_source(src: str | Path) -> CaptionSource:
 
 
 def _from_folder(root: Path) -> CaptionSource:
-    images = {p.stem: p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
-    captions = {p.stem: p for p in sorted(root.rglob("*.txt")) if p.is_file()}
-    orphans = [str(captions[stem]) for stem in sorted(set(captions) - set(images))]
+    # an image and its caption pair by their path under `root` without the suffix, so `a/0001.jpg` goes with
+    # `a/0001.txt` and never with `b/0001.txt`
+    images: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            images.setdefault(_pairing_key(root, path), []).append(path)
+    captions = {_pairing_key(root, p): p for p in sorted(root.rglob("*.txt")) if p.is_file()}
+    orphans = [str(captions[key]) for key in sorted(set(captions) - set(images))]
     refuse_captions_without_images(
         root, orphans, ".txt files with no image of the same name", "add the image or remove the caption file"
     )
+    _refuse_shared_captions(root, {key: images[key] for key in captions if len(images[key]) > 1})
     records, skipped = [], []
-    for stem in sorted(images):
-        if stem not in captions:
-            skipped.append((str(images[stem]), f"image with no caption file {stem}.txt"))
+    for key in sorted(images):
+        if key not in captions:
+            skipped.extend((str(image), f"image with no caption file {key}.txt") for image in images[key])
             continue
-        text = captions[stem].read_text(encoding="utf-8", errors="replace").strip()
+        image, caption = images[key][0], captions[key]
+        text = caption.read_text(encoding="utf-8", errors="replace").strip()
         if not text:
-            skipped.append((str(captions[stem]), "empty caption"))
+            skipped.append((str(caption), "empty caption"))
             continue
-        records.append(CaptionRecord(str(images[stem]), text, images[stem]))
+        records.append(CaptionRecord(str(image), text, image))
     return CaptionSource(records, skipped)
+
+
+def _pairing_key(root: Path, path: Path) -> str:
+    """`a/0001` for `root/a/0001.jpg` and `root/a/0001.txt`: the path under `root` without its suffix."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def _refuse_shared_captions(root: Path, shared: dict[str, list[Path]]) -> None:
+    """Raise a ValueError naming (up to 10 of) the caption files that two or more images would share."""
+    if not shared:
+        return
+    keys = sorted(shared)
+    shown = "; ".join(f"{key}.txt: {', '.join(str(p) for p in shared[key])}" for key in keys[:10])
+    more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+    raise ValueError(
+        f"{root} has {len(keys)} caption files that more than one image would share ({shown}{more}); which image a "
+        "caption describes is ambiguous: rename or remove all but one image of each"
+    )
 
 
 def _manifest_rows(path: Path) -> list[dict]:

@@ -187,6 +187,7 @@ def test_compiled_model_routes_with_a_loaded_artifact(dynamo, tmp_path):
             torch.testing.assert_close(run(compiled, t), run(trained, t), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # two families, each compiled whole and regionally: about a minute
 @pytest.mark.parametrize("case", [SD3Case, FluxCase], ids=["sd3", "flux"])
 def test_mmdit_families_compile_regionally_and_whole(dynamo, case):
     model = diffcr.apply(case.model(), diffcr.DiffCRConfig(timestep_regions=4, gate="sigmoid_block"))

@@ -64,14 +64,12 @@ def compress(
     import diffcr
     from diffcr.checkpoint import run_lock
     from diffcr.cli.common import check_new_run_dir
-    from diffcr.models.tiny_dit import SCHEDULER_CONFIG
     from diffcr.train import (
         TrainConfig,
         check_diffcr_config,
         check_mixed_precision,
         finish_compression,
         is_main_process,
-        resolve_mixed_precision,
         train,
     )
     from diffcr.train.timesteps import model_timestep_range
@@ -81,30 +79,13 @@ def compress(
     flags = {TRAIN_FIELD_OF_OPTION[name]: value for name, value in ctx.params.items() if name in TRAIN_FIELD_OF_OPTION}
     diffcr_flags = {DIFFCR_FIELD_OF_OPTION[name]: ctx.params[name] for name in DIFFCR_FIELD_OF_OPTION}
     diffcr_config, settings, from_recipe = resolve_settings(config, recipe, flags, diffcr_flags, given)
-    text = is_prepared_cache(data)
-    from diffcr.data.latent_cache import is_text_to_image_pipeline
-
-    if not text and is_text_to_image_pipeline(base):
-        raise ValueError(
-            f"--base {base} is a text-to-image pipeline, so --data must be a cache made by `diffcr prepare --base "
-            f"{base} --data IMAGES --out CACHE` ({data} is not one)"
-        )
-    if not text:  # train() uses the recipe's DDPM scheduler; check the config against it before loading anything
-        check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
-    if transformer is not None and not text:
-        raise ValueError(
-            "--transformer replaces the transformer of a text-to-image pipeline; a class-conditional --base is "
-            "one model already (pass it as --base)"
-        )
+    text = _check_task(base, data, transformer, diffcr_config)
     cfg = TrainConfig(**settings)
     if cfg.mode == "pretrain":
         raise ValueError("compress trains DiffCR: use --mode routers, lora or full (pretraining is `diffcr pretrain`)")
     check_mixed_precision(cfg.mixed_precision)
     check_new_run_dir(out, resume)
-    if torch.cuda.is_available() and resolve_mixed_precision(cfg.mixed_precision) == "no":
-        # fp32 training (the authors' recipe) at TF32 matmul speed; bf16 / fp16 autocast does not need it
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    _allow_tf32_without_autocast(cfg)
 
     # 2. the base model, then the data at its image size and with the images' own channels (checked against it)
     if text:
@@ -141,6 +122,41 @@ def compress(
         f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
         + ", ".join(f"{k}: {v}" for k, v in written.items())
     )
+
+
+def _check_task(base: str, data: str, transformer: str | None, diffcr_config) -> bool:
+    """Whether this is a text-to-image run (--data a `prepare` cache), once --base, --data and --transformer are
+    known to fit together; a class-conditional run's DiffCR config is checked against its DDPM scheduler here,
+    before anything is loaded."""
+    from diffcr.data.latent_cache import is_text_to_image_pipeline
+    from diffcr.models.tiny_dit import SCHEDULER_CONFIG
+    from diffcr.train import check_diffcr_config
+
+    if is_prepared_cache(data):
+        return True
+    if is_text_to_image_pipeline(base):
+        raise ValueError(
+            f"--base {base} is a text-to-image pipeline, so --data must be a cache made by `diffcr prepare --base "
+            f"{base} --data IMAGES --out CACHE` ({data} is not one)"
+        )
+    if transformer is not None:
+        raise ValueError(
+            "--transformer replaces the transformer of a text-to-image pipeline; a class-conditional --base is "
+            "one model already (pass it as --base)"
+        )
+    check_diffcr_config(diffcr_config, SCHEDULER_CONFIG["num_train_timesteps"])
+    return False
+
+
+def _allow_tf32_without_autocast(cfg) -> None:
+    """fp32 training on a CUDA GPU (the authors' recipe) at TF32 matmul speed; bf16 / fp16 autocast needs none."""
+    import torch
+
+    from diffcr.train import resolve_mixed_precision
+
+    if torch.cuda.is_available() and resolve_mixed_precision(cfg.mixed_precision) == "no":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def load_class_conditional(base: str, data: str):

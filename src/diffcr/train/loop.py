@@ -351,6 +351,18 @@ def train(
         return _train(run_dir, base_model, conditioning, cfg, diffcr_config, scheduler, resume, progress, run_info)
 
 
+def _with_timestep_range(diffcr_config, base_model, scheduler):
+    """The DiffCR config (default if None) with `num_train_timesteps` set, when it is not, to the range of the
+    timestep the model receives: regions cut that range (Flux receives sigma in [0, 1])."""
+    from diffcr.config import DiffCRConfig
+
+    diffcr_config = diffcr_config or DiffCRConfig()
+    if diffcr_config.num_train_timesteps is not None:
+        return diffcr_config
+    received = model_timestep_range(base_model, scheduler).num_train_timesteps
+    return diffcr_config.replace(num_train_timesteps=received)
+
+
 def _train(
     run_dir: Path, base_model, conditioning, cfg: TrainConfig, diffcr_config, scheduler, resume, progress, run_info
 ):
@@ -370,15 +382,10 @@ def _train(
     teacher = None
     if cfg.distill:
         teacher = copy.deepcopy(base_model).eval().requires_grad_(False).to(accelerator.device)
-    if cfg.mode != "pretrain":
-        from diffcr.config import DiffCRConfig
-
-        diffcr_config = diffcr_config or DiffCRConfig()
-        if diffcr_config.num_train_timesteps is None:  # regions cut the range the model receives: Flux's is [0, 1]
-            received = model_timestep_range(base_model, scheduler).num_train_timesteps
-            diffcr_config = diffcr_config.replace(num_train_timesteps=received)
-    model = prepare_model(base_model, cfg, diffcr_config)
     routed = cfg.mode != "pretrain"
+    if routed:
+        diffcr_config = _with_timestep_range(diffcr_config, base_model, scheduler)
+    model = prepare_model(base_model, cfg, diffcr_config)
     if routed:
         import diffcr
 

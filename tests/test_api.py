@@ -318,6 +318,37 @@ def test_interpolation_blends_the_two_nearest_bins(case):
     assert not torch.allclose(single[0.9], single[0.8])
 
 
+@pytest.mark.parametrize("coupled", [True, False])
+def test_region_coupling_shares_each_layers_ratio_gradient(case, coupled):
+    """Coupled, a region no sample falls in still learns its layer's share (g[l, r] + sum_r' g[l, r']);
+    uncoupled, it gets no gradient. The forward is the same either way."""
+    config = DiffCRConfig(timestep_regions=4, target_kept_ratio=0.5, region_coupling=coupled)
+    outputs, grads = [], []
+    for coupling in (coupled, not coupled):
+        torch.manual_seed(0)
+        model = diffcr.apply(case.model(), config.replace(region_coupling=coupling))
+        set_kept(model, [[0.85, 0.75, 0.65, 0.55]])
+        model.train()
+        out = run(model, case.inputs([100, 600]))  # regions 0 and 2 only
+        (out.pow(2).mean() + 0.3 * diffcr.ratio_loss(model)).backward()
+        outputs.append(out.detach())
+        grads.append(model.diffcr.kept_ratio.grad.clone())
+    assert torch.equal(outputs[0], outputs[1])
+    coupled_grad, plain_grad = (grads[0], grads[1]) if coupled else (grads[1], grads[0])
+    assert (plain_grad[:, [1, 3]] == 0).all() and (plain_grad[:, [0, 2]] != 0).all()
+    expected = plain_grad + plain_grad.sum(dim=1, keepdim=True)  # (L, R)
+    torch.testing.assert_close(coupled_grad, expected, rtol=1e-5, atol=1e-7)
+    assert (coupled_grad[:, [1, 3]] != 0).all()
+
+
+def test_region_coupling_is_off_for_layer_ratios_and_in_eval(case):
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=1, target_kept_ratio=0.5))
+    assert model.diffcr() is model.diffcr.kept_ratio  # one region: nothing to share
+    model = diffcr.apply(case.model(), DiffCRConfig(timestep_regions=4, target_kept_ratio=0.5))
+    with torch.no_grad():
+        assert model.diffcr() is model.diffcr.kept_ratio
+
+
 @pytest.mark.parametrize("gate", ["straight_through", "sigmoid_block", "sigmoid_mlp"])
 def test_gradients_reach_router_and_ratios_not_frozen_base(case, gate):
     if gate == "sigmoid_mlp" and not case.mlp_gate:

@@ -33,6 +33,7 @@ from diffcr import DiffCRConfig
         ({"gate": "magic"}, "gate='magic' is not one of"),
         ({"ratio_loss_weight": -1}, "ratio_loss_weight=-1"),
         ({"init_kept_ratio": 0.05}, r"init_kept_ratio=0.05 must lie in \[0.1, 1.0\]"),
+        ({"region_coupling": "yes"}, "region_coupling='yes' must be true or false"),
     ],
 )
 def test_bad_config_raises_clear_error(kwargs, message):

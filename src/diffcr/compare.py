@@ -224,6 +224,7 @@ def train_variant(
         ratio_lr=recipe.ratio_lr if ratio_lr is None else ratio_lr,
         checkpoint_every=recipe.train_steps,
         seed=recipe.seed,
+        num_threads=torch.get_num_threads(),  # the caller's: a bench pins its threads once for every part
     )
     model = copy.deepcopy(base)
     result = train(out_dir, model, train_set, cfg, diffcr_config=diffcr_config, progress=progress)

@@ -43,6 +43,9 @@ class DiffCRConfig:
         ratio_loss_weight: lambda in loss = diffusion_loss + lambda * ratio_loss.
         num_train_timesteps: T, the timestep range cut into regions; None = the model's own, else 1000.
         init_kept_ratio: starting value of every learnable kept ratio (1.0 = dense).
+        region_coupling: with more than one timestep region, share each layer's ratio gradient among its
+            regions during training (a layer ratio plus per-region offsets; docs/METHOD.md section 3), so that
+            DiffCR-LT learns its layers' shares from every sample, as DiffCR-L does. Inference is unaffected.
 
     Example:
         >>> DiffCRConfig(target_kept_ratio=0.8, timestep_regions=4).ratio_bins[:3]
@@ -56,12 +59,15 @@ class DiffCRConfig:
     ratio_loss_weight: float = 0.3
     num_train_timesteps: int | None = None
     init_kept_ratio: float = 1.0
+    region_coupling: bool = True
 
     def __post_init__(self) -> None:
         _check_number("target_kept_ratio", self.target_kept_ratio)
         _check_number("timestep_regions", self.timestep_regions, integer=True)
         _check_number("ratio_loss_weight", self.ratio_loss_weight)
         _check_number("init_kept_ratio", self.init_kept_ratio)
+        if not isinstance(self.region_coupling, bool):
+            raise ValueError(f"region_coupling={self.region_coupling!r} must be true or false")
         if self.num_train_timesteps is not None:
             _check_number("num_train_timesteps", self.num_train_timesteps, integer=True)
         if not isinstance(self.gate, str) or self.gate not in GATES:

@@ -540,7 +540,13 @@ def publish(out_dir: str | Path, results_md: str | Path = "docs/RESULTS.md") -> 
     results_md = Path(results_md)
     section = out_dir / "results.md"
     if (out_dir / "results.json").is_file():  # render with this version's wording
-        result = BenchResult(**json.loads((out_dir / "results.json").read_text()))
+        payload = json.loads((out_dir / "results.json").read_text())
+        if isinstance(payload, dict) and payload.get("kind") == "frontier":
+            raise ValueError(
+                f"{out_dir} holds a frontier run (`diffcr bench --only frontier`), which --publish does not place; "
+                f"its results.md and frontier.png are ready to copy into {results_md} by hand"
+            )
+        result = BenchResult(**payload)
         write_text_atomic(section, results_markdown(result))
     if not section.is_file():
         raise FileNotFoundError(f"{section} is missing: run `diffcr bench --out {out_dir}` first")

@@ -39,6 +39,7 @@ class T2IDemoRecipe:
     lr: float = 1e-4
     router_lr: float = 1e-3
     ratio_lr: float = 3e-2
+    distill: bool = False
     sampler_steps: int = 20
     guidance_scale: float = 4.5
     sample_batch_size: int = 10
@@ -63,6 +64,7 @@ class T2IDemoRecipe:
             lr=self.lr,
             router_lr=self.router_lr,
             ratio_lr=self.ratio_lr,
+            distill=self.distill,
             checkpoint_every=self.steps,
             seed=seed,
             snr_gamma=PRETRAIN_SNR_GAMMA,

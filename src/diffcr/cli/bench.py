@@ -1,4 +1,5 @@
-"""`diffcr bench`: speed scaling, DiffCR against the alternatives, and the paper's findings, in one run."""
+"""`diffcr bench`: speed scaling, DiffCR against the alternatives, and the paper's findings, in one run; with
+`--only frontier`, the speed-quality frontier of every family of methods."""
 
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ from diffcr.cli.common import friendly_errors
 def bench(
     task: str = typer.Option(
         "class",
-        help="'class': the class-conditional DiT on digits (all parts); 't2i': every method at matched speedups on "
-        "the text-to-image PixArt pipeline, judged by prompt accuracy",
+        help="'class': the class-conditional DiT on digits (all parts, or --only frontier); 't2i': every method at "
+        "matched speedups on the text-to-image PixArt pipeline, judged by prompt accuracy",
     ),
-    out: Path = typer.Option(None, help="output folder (default: a new runs/bench-<date>-<time>)"),
+    out: Path = typer.Option(
+        None, help="output folder (default: a new runs/bench-<date>-<time>, or runs/frontier-<date>-<time>)"
+    ),
     quick: bool = typer.Option(False, help="tiny sizes: the whole harness in about 2 minutes (a smoke run)"),
     only: str = typer.Option(
-        "all", help="'all', or one part: 'scaling' (random-weight speed), 'train' (training-step cost), 'compare'"
+        "all",
+        help="'all', or one part: 'scaling' (random-weight speed), 'train' (training-step cost), 'compare'; or "
+        "'frontier' (--task class only): quality against measured speedup for fewer steps, first-block cache, "
+        "DiffCR and their compositions, into its own folder (not part of 'all': about an hour on 2 CPU cores)",
     ),
     base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder"),
     publish: Path = typer.Option(
@@ -30,7 +36,8 @@ def bench(
     results_md: Path = typer.Option(Path("docs/RESULTS.md"), help="the Markdown file --publish writes into"),
 ) -> None:
     """Measure everything side by side and write results.json, results.md and plots (--task t2i: every method on
-    the text-to-image default, judged by prompt accuracy)."""
+    the text-to-image default, judged by prompt accuracy; --only frontier: quality against measured speedup for
+    every family of methods and their compositions, with frontier.png)."""
     from diffcr.checkpoint import check_writable_dir, check_writable_file
     from diffcr.harness import publish as publish_results
     from diffcr.harness import run_bench
@@ -47,21 +54,30 @@ def bench(
     if task not in ("class", "t2i"):
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
     if task == "t2i":
+        if only == "frontier":
+            raise ValueError(
+                "--only frontier measures the class-conditional default; run it with --task class (the default), "
+                "not --task t2i"
+            )
         if publish is not None or only != "all":
             raise ValueError("--publish and --only belong to --task class; --task t2i takes --out, --quick and --base")
         _bench_t2i(out, quick, "t2i" if base == "default" else base)
         return
-    if only not in ("all", "scaling", "train", "compare"):
-        raise ValueError(f"--only {only!r}: use 'all', 'scaling', 'train' or 'compare'")
+    if only not in ("all", "scaling", "train", "compare", "frontier"):
+        raise ValueError(f"--only {only!r}: use 'all', 'scaling', 'train', 'compare' or 'frontier'")
     if out is None:
         import time
 
-        out = Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+        prefix = "frontier" if only == "frontier" else "bench"
+        out = Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--out")
     if base != "default":
         from diffcr.models import load_base_model
 
         load_base_model(base)  # a wrong --base fails now, with its message, not minutes into the bench
+    if only == "frontier":
+        _bench_frontier(out, quick, None if base == "default" else base)
+        return
     result = run_bench(out, quick=quick, base=None if base == "default" else base, parts=(only,))
     typer.echo((out / "results.md").read_text())
     typer.echo(f"whole bench {result.seconds / 60:.1f} min; results in {out}")
@@ -80,3 +96,20 @@ def _bench_t2i(out: Path | None, quick: bool, base: str) -> None:
     result = run_t2i_bench(out, recipe, base=base)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"whole text-to-image bench {result['seconds'] / 60:.1f} min; results in {out}")
+
+
+def _bench_frontier(out: Path, quick: bool, base: str | None) -> None:
+    """Print what the frontier will cost, run `diffcr.frontier.run_frontier` into `out`, print its table."""
+    from diffcr.frontier import FrontierRecipe, run_frontier
+
+    recipe = FrontierRecipe.quick() if quick else FrontierRecipe()
+    work = recipe.workload()
+    typer.echo(
+        f"frontier: {work['trainings']} trainings x {work['train_steps']} steps (batch {work['train_batch']}), then "
+        f"{work['points']} points x {recipe.num_samples} images + {len(recipe.spread_seeds)} x {recipe.num_samples} "
+        f"for FID's spread = {work['images']} images ({work['image_steps']} image-steps before savings)"
+        + ("" if quick else "; about an hour on 2 CPU cores")
+    )
+    result = run_frontier(out, recipe, base=base)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"whole frontier {result['seconds'] / 60:.1f} min; results in {out}")

@@ -320,9 +320,9 @@ def test_interpolation_blends_the_two_nearest_bins(case):
 
 @pytest.mark.parametrize("coupled", [True, False])
 def test_region_coupling_shares_each_layers_ratio_gradient(case, coupled):
-    """Coupled, a region no sample falls in still learns its layer's share (g[l, r] + sum_r' g[l, r']);
-    uncoupled, it gets no gradient. The forward is the same either way."""
-    config = DiffCRConfig(timestep_regions=4, target_kept_ratio=0.5, region_coupling=coupled)
+    """Coupled, a region no sample falls in still learns its layer's share (0.25 g[l, r] + sum_r' g[l, r'] at
+    region_offset_lr 0.25); uncoupled, it gets no gradient. The forward is the same either way."""
+    config = DiffCRConfig(timestep_regions=4, target_kept_ratio=0.5, region_coupling=coupled, region_offset_lr=0.25)
     outputs, grads = [], []
     for coupling in (coupled, not coupled):
         torch.manual_seed(0)
@@ -336,9 +336,20 @@ def test_region_coupling_shares_each_layers_ratio_gradient(case, coupled):
     assert torch.equal(outputs[0], outputs[1])
     coupled_grad, plain_grad = (grads[0], grads[1]) if coupled else (grads[1], grads[0])
     assert (plain_grad[:, [1, 3]] == 0).all() and (plain_grad[:, [0, 2]] != 0).all()
-    expected = plain_grad + plain_grad.sum(dim=1, keepdim=True)  # (L, R)
+    expected = 0.25 * plain_grad + plain_grad.sum(dim=1, keepdim=True)  # (L, R)
     torch.testing.assert_close(coupled_grad, expected, rtol=1e-5, atol=1e-7)
     assert (coupled_grad[:, [1, 3]] != 0).all()
+
+
+def test_region_offset_lr_zero_moves_every_region_with_its_layer():
+    """At region_offset_lr 0 the regions of a layer get one gradient: an LT table trains as DiffCR-L's ratios."""
+    from diffcr.controller import couple_regions
+
+    table = torch.tensor([[0.9, 0.8, 0.7]], requires_grad=True)
+    coupled = couple_regions(table, 0.0)
+    assert torch.equal(coupled, table.detach())
+    (coupled * torch.tensor([[1.0, -3.0, 0.5]])).sum().backward()
+    assert table.grad.tolist() == [[-1.5, -1.5, -1.5]]
 
 
 def test_region_coupling_is_off_for_layer_ratios_and_in_eval(case):

@@ -34,6 +34,7 @@ from diffcr import DiffCRConfig
         ({"ratio_loss_weight": -1}, "ratio_loss_weight=-1"),
         ({"init_kept_ratio": 0.05}, r"init_kept_ratio=0.05 must lie in \[0.1, 1.0\]"),
         ({"region_coupling": "yes"}, "region_coupling='yes' must be true or false"),
+        ({"region_offset_lr": 1.5}, r"region_offset_lr=1.5 must be in \[0, 1\]"),
     ],
 )
 def test_bad_config_raises_clear_error(kwargs, message):

@@ -38,23 +38,27 @@ class RoutingGroup:
     passes: list[tuple[float, torch.Tensor | None]]
 
 
-def couple_regions(table: torch.Tensor) -> torch.Tensor:
+def couple_regions(table: torch.Tensor, offset_lr: float = 1.0) -> torch.Tensor:
     """`table` (L, R) in value, with each layer's gradient shared by its regions.
 
-    The gradient reaching table[l, r] is g[l, r] + sum over r' of g[l, r']: what a layer ratio a[l] plus
-    per-region offsets o[l, r] (table = a + o) would move under plain gradient descent. Each region's ratio
-    otherwise learns only from the samples whose timestep falls in it (a quarter of the batch at R = 4) and
-    drifts on that noise; coupled, the layer's share learns from every sample and the regions depart from it
-    only where their own gradients agree. At inference nothing changes: the table is the table.
+    The gradient reaching table[l, r] is offset_lr * g[l, r] + sum over r' of g[l, r']: what a layer ratio a[l]
+    plus per-region offsets o[l, r] (table = a + o), the offsets at `offset_lr` times the layer's learning rate,
+    would move under plain gradient descent. Each region's ratio otherwise learns only from the samples whose
+    timestep falls in it (a quarter of the batch at R = 4) and drifts on that noise; coupled, the layer's share
+    learns from every sample and the regions depart from it only where their own gradients agree, more slowly
+    the smaller `offset_lr` (0: the regions move together, as DiffCR-L's one ratio). At inference nothing
+    changes: the table is the table.
 
     Example:
         >>> table = torch.zeros(1, 3, requires_grad=True)
-        >>> (couple_regions(table) * torch.tensor([[1.0, 0.0, 0.0]])).sum().backward()
+        >>> (couple_regions(table, 0.5) * torch.tensor([[1.0, 0.0, 0.0]])).sum().backward()
         >>> table.grad.tolist()
-        [[2.0, 1.0, 1.0]]
+        [[1.5, 1.0, 1.0]]
     """
     layer_sum = table.sum(dim=1, keepdim=True)  # (L, 1)
-    return table + (layer_sum - layer_sum.detach())  # (L, R): the same values, exactly
+    shared = layer_sum - layer_sum.detach()  # (L, 1): zero in value, the layer's gradient to every region
+    own = (offset_lr - 1.0) * (table - table.detach())  # (L, R): zero in value, scales the region's own gradient
+    return table + shared + own  # (L, R): the same values, exactly
 
 
 class DiffCRController(nn.Module):
@@ -90,11 +94,12 @@ class DiffCRController(nn.Module):
         see every read.
 
         With `config.region_coupling` (and more than one region), the table's value is unchanged but its
-        gradient is shared along each layer: d loss / d kept_ratio[l, r] becomes g[l, r] + sum_r' g[l, r'],
-        as if the table were a layer ratio plus per-region offsets (see `couple_regions`).
+        gradient is shared along each layer: d loss / d kept_ratio[l, r] becomes
+        region_offset_lr * g[l, r] + sum_r' g[l, r'], as if the table were a layer ratio plus per-region offsets
+        (see `couple_regions`).
         """
         if self.config.region_coupling and self.config.timestep_regions > 1 and torch.is_grad_enabled():
-            return couple_regions(self.kept_ratio)
+            return couple_regions(self.kept_ratio, self.config.region_offset_lr)
         return self.kept_ratio
 
     def _apply(self, fn, recurse=True):

@@ -13,6 +13,7 @@ import torch
 
 import diffcr
 from conftest import tiny_dit
+from diffcr.baselines import FirstBlockCache
 from diffcr.compare import DENSE, DENSE_TUNED, FBCACHE, FEWER_STEPS
 from diffcr.frontier import (
     DIFFCR,
@@ -20,7 +21,6 @@ from diffcr.frontier import (
     DIFFCR_STEPS,
     FAMILIES,
     FrontierRecipe,
-    cache_first_block,
     frontier_points,
     goal_verdict,
     mark_frontiers,
@@ -179,7 +179,7 @@ def _sample(model, run_context, steps: int = 4) -> torch.Tensor:
 def test_first_block_cache_at_threshold_zero_is_exactly_the_routed_model():
     routed = _routed_tiny_dit()
     reference = _sample(routed, contextlib.nullcontext)
-    cache = cache_first_block(copy.deepcopy(routed), 0.0)
+    cache = FirstBlockCache(copy.deepcopy(routed), 0.0)
     assert diffcr.is_applied(cache.model)
     assert torch.equal(_sample(cache.model, cache.sampling_run), reference)
     assert torch.equal(_sample(cache.model, cache.sampling_run), reference)  # a second run starts afresh
@@ -189,7 +189,7 @@ def test_first_block_cache_skips_the_routed_blocks_at_a_high_threshold():
     from diffcr.benchmark import count_flops
 
     routed = _routed_tiny_dit()
-    cache = cache_first_block(copy.deepcopy(routed), 1e6)
+    cache = FirstBlockCache(copy.deepcopy(routed), 1e6)
     _, routed_flops = count_flops(lambda: _sample(routed, contextlib.nullcontext))
     cached_images, cached_flops = count_flops(lambda: _sample(cache.model, cache.sampling_run))
     # every step after the first reuses the cached residual of blocks 2 and 3: far fewer FLOPs, other images

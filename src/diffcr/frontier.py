@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from diffcr.compare import DENSE, DENSE_TUNED, FBCACHE, FEWER_STEPS, Contestant
+from diffcr.compare import DENSE, DENSE_TUNED, FBCACHE, FEWER_STEPS, CompareRecipe, Contestant
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +78,16 @@ class FrontierRecipe:
     fbcache_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3)
     diffcr_fbcache_thresholds: tuple[float, ...] = (0.1, 0.2)
     timestep_regions: int = 4
-    ratio_loss_weight: float = 0.3
+    ratio_loss_weight: float = CompareRecipe.ratio_loss_weight
     train_steps: int = 100
-    train_batch: int = 16
-    lr: float = 1e-4
-    router_lr: float = 1e-3
-    ratio_lr: float = 3e-2
-    classes: tuple[int, ...] = tuple(range(10))
+    train_batch: int = CompareRecipe.train_batch
+    lr: float = CompareRecipe.lr
+    router_lr: float = CompareRecipe.router_lr
+    ratio_lr: float = CompareRecipe.ratio_lr
+    classes: tuple[int, ...] = CompareRecipe.classes
     num_per_class: int = 30
-    sample_batch: int = 10
-    guidance_scale: float = 3.0
+    sample_batch: int = CompareRecipe.sample_batch
+    guidance_scale: float = CompareRecipe.guidance_scale
     spread_seeds: tuple[int, ...] = (1,)
     num_threads: int | None = 2
     seed: int = 0
@@ -148,8 +148,6 @@ class FrontierRecipe:
 
     def compare_recipe(self):
         """The `compare.CompareRecipe` that `train_variant` and `run_contest` read (budget, sizes, sampler)."""
-        from diffcr.compare import CompareRecipe
-
         return CompareRecipe(
             timestep_regions=self.timestep_regions,
             ratio_loss_weight=self.ratio_loss_weight,
@@ -239,19 +237,6 @@ class FrontierContestant(Contestant):
 
 
 # -- first-block cache on routed models -----------------------------------------------------------------
-
-
-def cache_first_block(model: torch.nn.Module, threshold: float):
-    """`baselines.FirstBlockCache` on `model` (in place), routed by DiffCR or not.
-
-    Example:
-        >>> cache = cache_first_block(copy.deepcopy(routed_model), 0.1)  # doctest: +SKIP
-        >>> with cache.sampling_run():  # doctest: +SKIP
-        ...     images = denoise(cache.model, noise, labels, sample_cfg, null_class)
-    """
-    from diffcr.baselines import FirstBlockCache
-
-    return FirstBlockCache(model, threshold)
 
 
 # -- frontier and verdict -------------------------------------------------------------------------------
@@ -436,10 +421,12 @@ def build_contestant(point: FrontierPoint, models: FrontierModels, recipe: Front
         model = models.diffcr[point.target_kept_ratio]
     else:
         model = models.dense
+    from diffcr.baselines import FirstBlockCache
+
     run_context = contextlib.nullcontext
     if point.threshold is not None:
         # a copy: the cache hooks the blocks in place, and other points sample with the same model uncached
-        cache = cache_first_block(copy.deepcopy(model), point.threshold)
+        cache = FirstBlockCache(copy.deepcopy(model), point.threshold)
         model = cache.model
         run_context = cache.sampling_run
     sample_cfg = recipe.compare_recipe().sample_config(point.steps)

@@ -20,6 +20,7 @@ from diffcr.frontier import (
     DIFFCR_FBCACHE,
     DIFFCR_STEPS,
     FAMILIES,
+    DENSE_TUNED_STEPS,
     FrontierRecipe,
     frontier_points,
     goal_verdict,
@@ -140,6 +141,40 @@ def test_points_cover_every_family_with_unique_settings():
     assert recipe.num_samples == 300
     work = recipe.workload()
     assert work["trainings"] == 4 and work["images"] == (len(points) + 1) * 300
+    tuned_steps = [p for p in points if p.family == DENSE_TUNED_STEPS]
+    assert [p.steps for p in tuned_steps] == list(recipe.tuned_step_counts) and all(p.fine_tuned for p in tuned_steps)
+
+
+def test_a_family_subset_measures_and_trains_only_what_it_samples():
+    recipe = FrontierRecipe(families=(FEWER_STEPS, DENSE_TUNED, DENSE_TUNED_STEPS), spread_seeds=(1, 2))
+    points = frontier_points(recipe)
+    assert points[0].family == DENSE  # the reference always runs
+    assert {p.family for p in points} == {DENSE, FEWER_STEPS, DENSE_TUNED, DENSE_TUNED_STEPS}
+    assert len(points) == 1 + len(recipe.step_counts) + 1 + len(recipe.tuned_step_counts)
+    assert recipe.trains_dense_tuned and not recipe.trains_diffcr
+    work = recipe.workload()
+    assert work["trainings"] == 1 and work["images"] == (len(points) + 2) * 300
+    routed_only = FrontierRecipe(families=(DIFFCR,))
+    assert routed_only.workload()["trainings"] == len(routed_only.diffcr_targets)
+    assert not routed_only.trains_dense_tuned
+
+
+def test_the_compositions_are_also_judged_against_dense_fine_tuned():
+    rows = [
+        _row(DENSE, 1.0, 20.0),
+        _row(DENSE_TUNED, 1.0, 10.0),
+        _row(DENSE_TUNED_STEPS, 2.0, 10.4, "fine-tuned, 10 steps"),
+        _row(DENSE_TUNED_STEPS, 3.0, 12.0, "fine-tuned, 6 steps"),  # outside 10 + 0.5
+        _row(DIFFCR_STEPS, 3.5, 10.3, "kept 0.58, 8 steps"),
+    ]
+    verdict = goal_verdict(rows, dense_fid=20.0, fid_spread=0.5)
+    tuned = verdict["against_tuned"]
+    assert tuned["fid_limit"] == pytest.approx(10.5)
+    assert tuned["best"][DENSE_TUNED_STEPS]["speedup"] == 2.0
+    assert tuned["best"][DIFFCR_STEPS]["speedup"] == 3.5
+    assert "up to 3.50x (kept 0.58, 8 steps)" in tuned["explanation"]
+    assert "up to 2.00x (fine-tuned, 10 steps)" in tuned["explanation"]
+    assert goal_verdict(rows[:1], dense_fid=20.0, fid_spread=0.5)["against_tuned"] is None
 
 
 @pytest.mark.parametrize(
@@ -150,6 +185,8 @@ def test_points_cover_every_family_with_unique_settings():
         ("fbcache_thresholds", (-0.1,), ">= 0"),
         ("spread_seeds", (0,), "set 0 is the contest's noise"),
         ("num_per_class", 0, "num_per_class=0"),
+        ("tuned_step_counts", (21,), "outside [1, 20]"),
+        ("families", ("DiffCR-XL",), "choose among"),
     ],
 )
 def test_recipe_refuses_bad_values_by_name(field, value, words):
@@ -233,7 +270,7 @@ def test_bench_only_frontier_quick_writes_every_family(tmp_path, small_base):
     assert "trainings x 2 steps" in run.output  # the estimate, printed before starting
     results = json.loads((out / "results.json").read_text())
     families = {row["family"] for row in results["rows"]}
-    assert families == {DENSE, FEWER_STEPS, FBCACHE, DIFFCR, DIFFCR_STEPS, DIFFCR_FBCACHE, DENSE_TUNED}
+    assert families == set(FAMILIES)
     for family in families:
         mine = [row for row in results["rows"] if row["family"] == family]
         assert mine and any(row["on_frontier"] for row in mine)

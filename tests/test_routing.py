@@ -25,6 +25,46 @@ def test_gather_scatter_round_trip():
             assert torch.equal(back[b, n], expected)
 
 
+def _reference_gather(tokens, idx):
+    return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def _reference_scatter(tokens, idx, values):
+    return torch.scatter(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), values)
+
+
+def test_row_gather_scatter_match_torch_gather_scatter_with_gradients():
+    # non-contiguous input (a transposed view), as a block may hand over
+    base = torch.randn(3, 6, 20, requires_grad=True)
+    tokens = base.transpose(1, 2)  # (3, 20, 6), not contiguous
+    idx = select_tokens(torch.randn(3, 20), 7)
+    kept = gather_tokens(tokens, idx)
+    expected_kept = _reference_gather(tokens, idx)
+    assert torch.equal(kept, expected_kept)
+    values = kept * 2 + 1
+    out = scatter_tokens(tokens, idx, values)
+    expected_out = _reference_scatter(tokens, idx, _reference_gather(tokens, idx) * 2 + 1)
+    assert torch.equal(out, expected_out)
+    assert out.is_contiguous() and out.data_ptr() != tokens.data_ptr()  # a fresh copy: the input is untouched
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weights).sum(), base)
+    (expected_grad,) = torch.autograd.grad((expected_out * weights).sum(), base)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    # a kept token's gradient goes through its new value (x2 here), a bypassed token's straight through
+    kept_mask = torch.zeros(3, 20, dtype=torch.bool).scatter_(1, idx, True)
+    assert torch.equal(grad.transpose(1, 2)[~kept_mask], weights[~kept_mask])
+    torch.testing.assert_close(grad.transpose(1, 2)[kept_mask], 2 * weights[kept_mask])
+
+
+def test_scatter_widens_to_the_values_dtype_and_keeps_bypassed_tokens_exact():
+    tokens = torch.randn(2, 9, 4, dtype=torch.bfloat16)
+    idx = select_tokens(torch.randn(2, 9), 3)
+    values = torch.randn(2, 3, 4, dtype=torch.float32)
+    out = scatter_tokens(tokens, idx, values)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, _reference_scatter(tokens.float(), idx, values))
+
+
 def test_straight_through_gate_is_exactly_one_even_for_extreme_logits():
     logits = torch.tensor([[-200.0, -20.0, 0.0, 30.0]], requires_grad=True)
     gate = gate_values(logits, "straight_through")

@@ -35,8 +35,14 @@ logger = logging.getLogger(__name__)
 DIFFCR = "DiffCR"  # DiffCR-L or DiffCR-LT, as the recipe's `timestep_regions` says
 DIFFCR_STEPS = f"{DIFFCR} x {FEWER_STEPS}"
 DIFFCR_FBCACHE = f"{DIFFCR} x {FBCACHE}"
+# dense fine-tuned at DiffCR's budget, then sampled with fewer steps: it separates what DiffCR's fine-tuning alone
+# buys from what routing adds
+DENSE_TUNED_STEPS = f"{DENSE_TUNED} x {FEWER_STEPS}"
 # the order of the table, the plot's legend and the contest (dense first: it is the reference)
-FAMILIES = (DENSE, FEWER_STEPS, FBCACHE, DIFFCR, DIFFCR_STEPS, DIFFCR_FBCACHE, DENSE_TUNED)
+FAMILIES = (DENSE, FEWER_STEPS, FBCACHE, DIFFCR, DIFFCR_STEPS, DIFFCR_FBCACHE, DENSE_TUNED, DENSE_TUNED_STEPS)
+# the families that sample DiffCR models, and those that sample dense fine-tuned (each needs its training)
+ROUTED_FAMILIES = (DIFFCR, DIFFCR_STEPS, DIFFCR_FBCACHE)
+TUNED_FAMILIES = (DENSE_TUNED, DENSE_TUNED_STEPS)
 GOAL_SPEEDUP = 3.0
 PLOT_NAME = "frontier.png"
 RESULT_KIND = "frontier"  # marks a frontier's results.json, so that a bench folder's is never overwritten
@@ -54,6 +60,9 @@ class FrontierRecipe:
         diffcr_step_counts: the sampler steps each DiffCR model is composed with.
         fbcache_thresholds: the first-block cache's relative-change thresholds on dense.
         diffcr_fbcache_thresholds: the thresholds each DiffCR model is composed with.
+        tuned_step_counts: the sampler steps dense fine-tuned is composed with.
+        families: which families to measure (dense, the reference, always runs); only the models they sample are
+            trained. A subset re-measures some families at the cost of those alone, from the same noise and seed.
         timestep_regions, ratio_loss_weight: DiffCR's regions and lambda.
         train_steps, train_batch, lr, router_lr, ratio_lr: the budget every trained model gets (the DiffCR
             models and dense fine-tuned alike); the comparison's learning rates.
@@ -77,6 +86,8 @@ class FrontierRecipe:
     diffcr_step_counts: tuple[int, ...] = (13, 10, 8, 6)
     fbcache_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3)
     diffcr_fbcache_thresholds: tuple[float, ...] = (0.1, 0.2)
+    tuned_step_counts: tuple[int, ...] = (13, 10, 8, 6)
+    families: tuple[str, ...] = FAMILIES
     timestep_regions: int = 4
     ratio_loss_weight: float = CompareRecipe.ratio_loss_weight
     train_steps: int = 100
@@ -99,7 +110,10 @@ class FrontierRecipe:
                 raise ValueError(f"{name}={value!r} must be a whole number >= 1")
         if not self.classes:
             raise ValueError("classes=() is empty: give at least one class id, e.g. (0, 1)")
-        for name in ("step_counts", "diffcr_step_counts"):
+        unknown = [family for family in self.families if family not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"families={self.families}: {unknown or 'none given'}; choose among {list(FAMILIES)}")
+        for name in ("step_counts", "diffcr_step_counts", "tuned_step_counts"):
             bad = [steps for steps in getattr(self, name) if not 1 <= steps <= self.sampler_steps]
             if bad:
                 raise ValueError(
@@ -133,6 +147,7 @@ class FrontierRecipe:
             diffcr_step_counts=(2,),
             fbcache_thresholds=(0.2,),
             diffcr_fbcache_thresholds=(0.2,),
+            tuned_step_counts=(2,),
             train_steps=2,
             train_batch=4,
             classes=(0, 1),
@@ -164,12 +179,22 @@ class FrontierRecipe:
             seed=self.seed,
         )
 
+    @property
+    def trains_diffcr(self) -> bool:
+        """Whether some family measured samples the DiffCR models (one trained per target)."""
+        return any(family in ROUTED_FAMILIES for family in self.families)
+
+    @property
+    def trains_dense_tuned(self) -> bool:
+        """Whether some family measured samples dense fine-tuned."""
+        return any(family in TUNED_FAMILIES for family in self.families)
+
     def workload(self) -> dict:
         """What a run costs, in counts: trainings and their steps, points, images and image-steps sampled."""
         points = frontier_points(self)
         spread_images = len(self.spread_seeds) * self.num_samples
         return {
-            "trainings": len(self.diffcr_targets) + 1,  # one per DiffCR target, and dense fine-tuned
+            "trainings": len(self.diffcr_targets) * self.trains_diffcr + self.trains_dense_tuned,
             "train_steps": self.train_steps,
             "train_batch": self.train_batch,
             "points": len(points),
@@ -205,7 +230,7 @@ class FrontierPoint:
 
 
 def frontier_points(recipe: FrontierRecipe) -> list[FrontierPoint]:
-    """Every point of the frontier, dense at `sampler_steps` first (the reference of the contest)."""
+    """Every point of the recipe's families, dense at `sampler_steps` first (the reference of the contest)."""
     full = recipe.sampler_steps
     points = [FrontierPoint(DENSE, full)]
     points += [FrontierPoint(FEWER_STEPS, steps) for steps in recipe.step_counts]
@@ -222,7 +247,8 @@ def frontier_points(recipe: FrontierRecipe) -> list[FrontierPoint]:
         for threshold in recipe.diffcr_fbcache_thresholds
     ]
     points.append(FrontierPoint(DENSE_TUNED, full, fine_tuned=True))
-    return points
+    points += [FrontierPoint(DENSE_TUNED_STEPS, steps, fine_tuned=True) for steps in recipe.tuned_step_counts]
+    return [point for point in points if point.family == DENSE or point.family in recipe.families]
 
 
 @dataclass
@@ -292,7 +318,8 @@ def goal_verdict(rows: list[dict], dense_fid: float, fid_spread: float, goal: fl
 
     Returns:
         {"fid_limit", "goal", "best" (family -> {"setting", "speedup", "fid"} or None), "composed_speedup",
-        "steps_alone_speedup" (None where no point stays within the limit), "reached", "explanation"}.
+        "steps_alone_speedup" (None where no point stays within the limit), "reached", "explanation",
+        "against_tuned" (`against_dense_tuned`, None without a dense fine-tuned row)}.
     """
     fid_limit = dense_fid + fid_spread
     best_rows = best_without_loss(rows, fid_limit)
@@ -313,7 +340,40 @@ def goal_verdict(rows: list[dict], dense_fid: float, fid_spread: float, goal: fl
         "steps_alone_speedup": steps_alone_speedup,
         "reached": reached,
         "explanation": _explain(rows, best_rows, fid_limit, goal, reached),
+        "against_tuned": against_dense_tuned(rows, fid_spread),
     }
+
+
+def against_dense_tuned(rows: list[dict], fid_spread: float) -> dict | None:
+    """DiffCR's fine-tuning also improves the dense weights (a confound): judge the compositions against dense
+    fine-tuned at the same budget instead of the shipped dense.
+
+    Returns:
+        None without a dense fine-tuned row; else {"fid_limit" (dense fine-tuned's FID + the spread), "best"
+        (family -> {"setting", "speedup", "fid"} or None, for `DIFFCR_STEPS` and `DENSE_TUNED_STEPS`),
+        "explanation"}.
+    """
+    tuned = next((row for row in rows if row["family"] == DENSE_TUNED), None)
+    if tuned is None:
+        return None
+    fid_limit = tuned["fid"] + fid_spread
+    best_rows = best_without_loss(rows, fid_limit)
+    best = {}
+    for family in (DIFFCR_STEPS, DENSE_TUNED_STEPS):
+        row = best_rows.get(family)
+        best[family] = None if row is None else {key: row[key] for key in ("setting", "speedup", "fid")}
+
+    def where(family: str) -> str:
+        if family not in best_rows:
+            return "not measured"
+        found = best[family]
+        return "no point within it" if found is None else f"{found['speedup']:.2f}x ({found['setting']})"
+
+    explanation = (
+        f"Against {DENSE_TUNED} (FID {tuned['fid']:.2f}, limit {fid_limit:.2f} with the spread): {DIFFCR_STEPS} "
+        f"keeps quality up to {where(DIFFCR_STEPS)}, {DENSE_TUNED_STEPS} up to {where(DENSE_TUNED_STEPS)}."
+    )
+    return {"fid_limit": fid_limit, "best": best, "explanation": explanation}
 
 
 def _explain(rows: list[dict], best_rows: dict, fid_limit: float, goal: float, reached: bool) -> str:
@@ -387,22 +447,25 @@ class FrontierModels:
     """The weights the points sample with: the shipped dense, dense fine-tuned, and one DiffCR model per target."""
 
     dense: torch.nn.Module
-    dense_tuned: torch.nn.Module
+    dense_tuned: torch.nn.Module | None
     diffcr: dict[float, torch.nn.Module]
 
 
 def train_models(dense_model, train_set, trained_dir: Path, recipe: FrontierRecipe, progress: bool) -> FrontierModels:
-    """Fine-tune dense and one DiffCR model per target kept ratio, every one with the recipe's budget."""
+    """Fine-tune dense and one DiffCR model per target kept ratio, every one with the recipe's budget (only those
+    that the recipe's families sample)."""
     import diffcr
     from diffcr.compare import train_variant
 
     compare_recipe = recipe.compare_recipe()
-    logger.info("training dense fine-tuned (%d steps)", recipe.train_steps)
-    dense_tuned = train_variant(
-        dense_model, train_set, trained_dir / "dense-tuned", compare_recipe, None, None, progress
-    )
+    dense_tuned = None
+    if recipe.trains_dense_tuned:
+        logger.info("training dense fine-tuned (%d steps)", recipe.train_steps)
+        dense_tuned = train_variant(
+            dense_model, train_set, trained_dir / "dense-tuned", compare_recipe, None, None, progress
+        )
     routed = {}
-    for kept in recipe.diffcr_targets:
+    for kept in recipe.diffcr_targets if recipe.trains_diffcr else ():
         config = diffcr.DiffCRConfig(
             target_kept_ratio=kept, timestep_regions=recipe.timestep_regions, ratio_loss_weight=recipe.ratio_loss_weight
         )
@@ -681,6 +744,8 @@ def results_markdown(result: dict) -> str:
         f"{FEWER_STEPS} alone cannot): {verdict['explanation']}",
         "",
     ]
+    if verdict.get("against_tuned"):
+        out += [f"**The fine-tuning confound.** {verdict['against_tuned']['explanation']}", ""]
     return "\n".join(out)
 
 

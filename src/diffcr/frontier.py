@@ -11,7 +11,9 @@ disjoint noise seeds, and the spread of its FIDs is the band of "no measurable l
 frontier (higher speedup, lower FID) is marked, and the goal (DiffCR x fewer steps reaches >= 3x at no
 measurable loss where fewer steps alone cannot) is judged from the measured numbers.
 
-Writes `results.json`, `results.md` and `frontier.png` into the output folder.
+Writes `results.json`, `results.md` and `frontier.png` into the output folder. The verdict is judged on a
+`QualityAxis` (FID here); `diffcr.t2i_frontier` measures the same families on the text-to-image default with
+prompt accuracy as the axis, reusing the points, the frontiers and the verdict.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +51,124 @@ RESULT_KIND = "frontier"  # marks a frontier's results.json, so that a bench fol
 
 
 @dataclass(frozen=True)
-class FrontierRecipe:
+class QualityAxis:
+    """The measure that "no measurable loss" is judged on, and which way is better.
+
+    Args:
+        key: the row's field (e.g. "fid", "digit_accuracy").
+        name: how sentences name it ("FID", "digit accuracy").
+        higher_is_better: True for an accuracy, False for a distance such as FID.
+        percent: the value is a fraction, shown as a percentage.
+        limit_key: the verdict's key for the limit ("fid_limit", "accuracy_limit").
+        frontier_key: the row's flag of its family's Pareto frontier on this axis (as `mark_frontiers` sets it).
+        label: the plot's y-axis label.
+
+    Example:
+        >>> FID_AXIS.limit(10.0, 0.5), FID_AXIS.bound(10.5)
+        (10.5, 'FID within 10.50')
+    """
+
+    key: str
+    name: str
+    higher_is_better: bool
+    percent: bool
+    limit_key: str
+    frontier_key: str
+    label: str
+
+    def limit(self, reference: float, spread: float) -> float:
+        """The worst value without measurable loss against `reference`, given the run-to-run `spread`."""
+        return reference - spread if self.higher_is_better else reference + spread
+
+    def within(self, value: float, limit: float) -> bool:
+        """Whether `value` is no measurable loss against `limit` (NaN never is)."""
+        return value >= limit if self.higher_is_better else value <= limit
+
+    @property
+    def scale(self) -> float:
+        """What a value is multiplied by to be shown (100 for a percentage)."""
+        return 100.0 if self.percent else 1.0
+
+    def number(self, value: float) -> str:
+        return f"{self.scale * value:.1f} %" if self.percent else f"{value:.2f}"
+
+    def show(self, value: float) -> str:
+        """`value` with the axis's name, e.g. "FID 10.40" or "digit accuracy 85.0 %"."""
+        return f"{self.name} {self.number(value)}"
+
+    def bound(self, limit: float) -> str:
+        """The band of no measurable loss in words, e.g. "FID within 10.50"."""
+        return f"{self.name} {'at or above' if self.higher_is_better else 'within'} {self.number(limit)}"
+
+
+FID_AXIS = QualityAxis(
+    "fid", "FID", False, False, "fid_limit", "on_frontier", "feature FID vs held-out (lower is better)"
+)
+CLASSIFIER_ACCURACY = QualityAxis(
+    "accuracy", "accuracy", True, True, "accuracy_limit", "on_accuracy_frontier", "classifier accuracy (%)"
+)
+
+
+class FrontierPlan:
+    """What a frontier recipe's knobs decide, shared by the class-conditional and text-to-image recipes: their
+    validation, which models are trained, and what a run costs. A recipe using it has the fields that
+    `frontier_points` reads, `spread_seeds`, `train_steps`, `train_batch` and a `num_samples` property."""
+
+    def _check_knobs(self) -> None:
+        """Raise `ValueError` naming the bad knob, its valid range and the fix."""
+        unknown = [family for family in self.families if family not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"families={self.families}: {unknown or 'none given'}; choose among {list(FAMILIES)}")
+        for name in ("step_counts", "diffcr_step_counts", "tuned_step_counts"):
+            bad = [steps for steps in getattr(self, name) if not 1 <= steps <= self.sampler_steps]
+            if bad:
+                raise ValueError(
+                    f"{name}={getattr(self, name)}: {bad} outside [1, {self.sampler_steps}] (sampler_steps); "
+                    "fewer steps means at most dense's"
+                )
+        if not self.step_counts or not self.diffcr_targets:
+            raise ValueError("step_counts and diffcr_targets must each hold at least one value (their families)")
+        bad_targets = [kept for kept in self.diffcr_targets if not 0.0 < kept <= 1.0]
+        if bad_targets:
+            raise ValueError(f"diffcr_targets={self.diffcr_targets}: {bad_targets} outside (0, 1] (kept ratios)")
+        thresholds = self.fbcache_thresholds + self.diffcr_fbcache_thresholds
+        if any(threshold < 0 for threshold in thresholds):
+            raise ValueError(f"first-block cache thresholds {thresholds} must be >= 0 (0 = never skip)")
+        if (
+            not self.spread_seeds
+            or any(k < 1 for k in self.spread_seeds)
+            or len(set(self.spread_seeds)) != len(self.spread_seeds)
+        ):
+            raise ValueError(
+                f"spread_seeds={self.spread_seeds} must be distinct seed sets >= 1 (set 0 is the contest's noise)"
+            )
+
+    @property
+    def trains_diffcr(self) -> bool:
+        """Whether some family measured samples the DiffCR models (one trained per target)."""
+        return any(family in ROUTED_FAMILIES for family in self.families)
+
+    @property
+    def trains_dense_tuned(self) -> bool:
+        """Whether some family measured samples dense fine-tuned."""
+        return any(family in TUNED_FAMILIES for family in self.families)
+
+    def workload(self) -> dict:
+        """What a run costs, in counts: trainings and their steps, points, images and image-steps sampled."""
+        points = frontier_points(self)
+        spread_images = len(self.spread_seeds) * self.num_samples
+        return {
+            "trainings": len(self.diffcr_targets) * self.trains_diffcr + self.trains_dense_tuned,
+            "train_steps": self.train_steps,
+            "train_batch": self.train_batch,
+            "points": len(points),
+            "images": len(points) * self.num_samples + spread_images,
+            "image_steps": sum(point.steps for point in points) * self.num_samples + spread_images * self.sampler_steps,
+        }
+
+
+@dataclass(frozen=True)
+class FrontierRecipe(FrontierPlan):
     """Sizes of the frontier.
 
     Args:
@@ -110,32 +229,7 @@ class FrontierRecipe:
                 raise ValueError(f"{name}={value!r} must be a whole number >= 1")
         if not self.classes:
             raise ValueError("classes=() is empty: give at least one class id, e.g. (0, 1)")
-        unknown = [family for family in self.families if family not in FAMILIES]
-        if unknown or not self.families:
-            raise ValueError(f"families={self.families}: {unknown or 'none given'}; choose among {list(FAMILIES)}")
-        for name in ("step_counts", "diffcr_step_counts", "tuned_step_counts"):
-            bad = [steps for steps in getattr(self, name) if not 1 <= steps <= self.sampler_steps]
-            if bad:
-                raise ValueError(
-                    f"{name}={getattr(self, name)}: {bad} outside [1, {self.sampler_steps}] (sampler_steps); "
-                    "fewer steps means at most dense's"
-                )
-        if not self.step_counts or not self.diffcr_targets:
-            raise ValueError("step_counts and diffcr_targets must each hold at least one value (their families)")
-        bad_targets = [kept for kept in self.diffcr_targets if not 0.0 < kept <= 1.0]
-        if bad_targets:
-            raise ValueError(f"diffcr_targets={self.diffcr_targets}: {bad_targets} outside (0, 1] (kept ratios)")
-        thresholds = self.fbcache_thresholds + self.diffcr_fbcache_thresholds
-        if any(threshold < 0 for threshold in thresholds):
-            raise ValueError(f"first-block cache thresholds {thresholds} must be >= 0 (0 = never skip)")
-        if (
-            not self.spread_seeds
-            or any(k < 1 for k in self.spread_seeds)
-            or len(set(self.spread_seeds)) != len(self.spread_seeds)
-        ):
-            raise ValueError(
-                f"spread_seeds={self.spread_seeds} must be distinct seed sets >= 1 (set 0 is the contest's noise)"
-            )
+        self._check_knobs()
 
     @classmethod
     def quick(cls) -> FrontierRecipe:
@@ -179,29 +273,6 @@ class FrontierRecipe:
             seed=self.seed,
         )
 
-    @property
-    def trains_diffcr(self) -> bool:
-        """Whether some family measured samples the DiffCR models (one trained per target)."""
-        return any(family in ROUTED_FAMILIES for family in self.families)
-
-    @property
-    def trains_dense_tuned(self) -> bool:
-        """Whether some family measured samples dense fine-tuned."""
-        return any(family in TUNED_FAMILIES for family in self.families)
-
-    def workload(self) -> dict:
-        """What a run costs, in counts: trainings and their steps, points, images and image-steps sampled."""
-        points = frontier_points(self)
-        spread_images = len(self.spread_seeds) * self.num_samples
-        return {
-            "trainings": len(self.diffcr_targets) * self.trains_diffcr + self.trains_dense_tuned,
-            "train_steps": self.train_steps,
-            "train_batch": self.train_batch,
-            "points": len(points),
-            "images": len(points) * self.num_samples + spread_images,
-            "image_steps": sum(point.steps for point in points) * self.num_samples + spread_images * self.sampler_steps,
-        }
-
 
 @dataclass(frozen=True)
 class FrontierPoint:
@@ -229,7 +300,7 @@ class FrontierPoint:
         return ", ".join(parts)
 
 
-def frontier_points(recipe: FrontierRecipe) -> list[FrontierPoint]:
+def frontier_points(recipe: FrontierPlan) -> list[FrontierPoint]:
     """Every point of the recipe's families, dense at `sampler_steps` first (the reference of the contest)."""
     full = recipe.sampler_steps
     points = [FrontierPoint(DENSE, full)]
@@ -286,82 +357,98 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return on_front
 
 
-def mark_frontiers(rows: list[dict]) -> None:
+def mark_frontiers(rows: list[dict], accuracy_key: str = "accuracy") -> None:
     """Set `on_frontier` (speedup vs FID) and `on_accuracy_frontier` (speedup vs accuracy) on every row, each
-    family's frontier computed within the family."""
+    family's frontier computed within the family.
+
+    Args:
+        rows: dicts with `family`, `speedup`, `fid` and the accuracy.
+        accuracy_key: the rows' accuracy field ("accuracy": the classifier's; "digit_accuracy": prompt accuracy).
+    """
     for family in dict.fromkeys(row["family"] for row in rows):
         mine = [row for row in rows if row["family"] == family]
         by_fid = pareto_front([(row["speedup"], row["fid"]) for row in mine])
-        by_accuracy = pareto_front([(row["speedup"], -row["accuracy"]) for row in mine])
+        by_accuracy = pareto_front([(row["speedup"], -row[accuracy_key]) for row in mine])
         for row, on_fid, on_accuracy in zip(mine, by_fid, by_accuracy):
             row["on_frontier"] = on_fid
             row["on_accuracy_frontier"] = on_accuracy
 
 
-def best_without_loss(rows: list[dict], fid_limit: float) -> dict[str, dict | None]:
-    """Per family, the row of highest measured speedup whose FID is at most `fid_limit` (None: no such row)."""
+def best_without_loss(rows: list[dict], limit: float, axis: QualityAxis = FID_AXIS) -> dict[str, dict | None]:
+    """Per family, the row of highest measured speedup within `limit` on `axis` (None: no such row); on the
+    default axis, FID at most `limit`."""
     best: dict[str, dict | None] = {}
     for family in dict.fromkeys(row["family"] for row in rows):
-        within = [row for row in rows if row["family"] == family and row["fid"] <= fid_limit]
+        within = [row for row in rows if row["family"] == family and axis.within(row[axis.key], limit)]
         best[family] = max(within, key=lambda row: row["speedup"]) if within else None
     return best
 
 
-def goal_verdict(rows: list[dict], dense_fid: float, fid_spread: float, goal: float = GOAL_SPEEDUP) -> dict:
-    """Judge the goal from measured rows: DiffCR x fewer steps reaches `goal` speedup at no measurable loss (FID
-    within dense's + its run-to-run spread) where fewer steps alone do not.
+def _summary(row: dict | None, axis: QualityAxis) -> dict | None:
+    """What a verdict keeps of a best row: its setting, speedup and quality on the axis."""
+    return None if row is None else {key: row[key] for key in ("setting", "speedup", axis.key)}
+
+
+def goal_verdict(
+    rows: list[dict], dense_fid: float, fid_spread: float, goal: float = GOAL_SPEEDUP, axis: QualityAxis = FID_AXIS
+) -> dict:
+    """Judge the goal from measured rows: DiffCR x fewer steps reaches `goal` speedup at no measurable loss (quality
+    on `axis` within dense's and its run-to-run spread) where fewer steps alone do not.
 
     Args:
-        rows: dicts with `family`, `setting`, `speedup`, `flop_speedup` and `fid`.
-        dense_fid: dense's FID on the contest's noise.
-        fid_spread: FID's run-to-run spread (dense against dense on disjoint noise).
+        rows: dicts with `family`, `setting`, `speedup`, `flop_speedup` and the axis's field.
+        dense_fid: dense's quality on `axis` with the contest's noise (its FID on the default axis; the name is
+            kept for the callers that pass it by keyword).
+        fid_spread: that quality's run-to-run spread (dense against dense on disjoint noise).
+        goal: the speedup to reach.
+        axis: the quality axis: `FID_AXIS` (limit dense + spread) or an accuracy (limit dense - spread).
 
     Returns:
-        {"fid_limit", "goal", "best" (family -> {"setting", "speedup", "fid"} or None), "composed_speedup",
-        "steps_alone_speedup" (None where no point stays within the limit), "reached", "explanation",
-        "against_tuned" (`against_dense_tuned`, None without a dense fine-tuned row)}.
+        {"axis" (its key), the axis's `limit_key` ("fid_limit" on the default axis), "goal", "best" (family ->
+        {"setting", "speedup", the axis's key} or None), "composed_speedup", "steps_alone_speedup" (None where no
+        point stays within the limit), "reached", "explanation", "against_tuned" (`against_dense_tuned`, None
+        without a dense fine-tuned row)}.
+
+    Example:
+        >>> rows = [{"family": "dense", "setting": "20 steps", "speedup": 1.0, "flop_speedup": 1.0, "fid": 10.0}]
+        >>> goal_verdict(rows, dense_fid=10.0, fid_spread=0.5)["fid_limit"]
+        10.5
     """
-    fid_limit = dense_fid + fid_spread
-    best_rows = best_without_loss(rows, fid_limit)
-    best = {
-        family: None if row is None else {key: row[key] for key in ("setting", "speedup", "fid")}
-        for family, row in best_rows.items()
-    }
+    limit = axis.limit(dense_fid, fid_spread)
+    best_rows = best_without_loss(rows, limit, axis)
     composed = best_rows.get(DIFFCR_STEPS)
     steps_alone = best_rows.get(FEWER_STEPS)
     composed_speedup = composed["speedup"] if composed else None
     steps_alone_speedup = steps_alone["speedup"] if steps_alone else None
     reached = composed_speedup is not None and composed_speedup >= goal and (steps_alone_speedup or 0.0) < goal
     return {
-        "fid_limit": fid_limit,
+        "axis": axis.key,
+        axis.limit_key: limit,
         "goal": goal,
-        "best": best,
+        "best": {family: _summary(row, axis) for family, row in best_rows.items()},
         "composed_speedup": composed_speedup,
         "steps_alone_speedup": steps_alone_speedup,
         "reached": reached,
-        "explanation": _explain(rows, best_rows, fid_limit, goal, reached),
-        "against_tuned": against_dense_tuned(rows, fid_spread),
+        "explanation": _explain(rows, best_rows, limit, goal, reached, axis),
+        "against_tuned": against_dense_tuned(rows, fid_spread, axis),
     }
 
 
-def against_dense_tuned(rows: list[dict], fid_spread: float) -> dict | None:
+def against_dense_tuned(rows: list[dict], spread: float, axis: QualityAxis = FID_AXIS) -> dict | None:
     """DiffCR's fine-tuning also improves the dense weights (a confound): judge the compositions against dense
     fine-tuned at the same budget instead of the shipped dense.
 
     Returns:
-        None without a dense fine-tuned row; else {"fid_limit" (dense fine-tuned's FID + the spread), "best"
-        (family -> {"setting", "speedup", "fid"} or None, for `DIFFCR_STEPS` and `DENSE_TUNED_STEPS`),
-        "explanation"}.
+        None without a dense fine-tuned row; else {the axis's `limit_key` (dense fine-tuned's quality with the
+        spread), "best" (family -> {"setting", "speedup", the axis's key} or None, for `DIFFCR_STEPS` and
+        `DENSE_TUNED_STEPS`), "explanation"}.
     """
     tuned = next((row for row in rows if row["family"] == DENSE_TUNED), None)
     if tuned is None:
         return None
-    fid_limit = tuned["fid"] + fid_spread
-    best_rows = best_without_loss(rows, fid_limit)
-    best = {}
-    for family in (DIFFCR_STEPS, DENSE_TUNED_STEPS):
-        row = best_rows.get(family)
-        best[family] = None if row is None else {key: row[key] for key in ("setting", "speedup", "fid")}
+    limit = axis.limit(tuned[axis.key], spread)
+    best_rows = best_without_loss(rows, limit, axis)
+    best = {family: _summary(best_rows.get(family), axis) for family in (DIFFCR_STEPS, DENSE_TUNED_STEPS)}
 
     def where(family: str) -> str:
         if family not in best_rows:
@@ -370,13 +457,16 @@ def against_dense_tuned(rows: list[dict], fid_spread: float) -> dict | None:
         return "no point within it" if found is None else f"{found['speedup']:.2f}x ({found['setting']})"
 
     explanation = (
-        f"Against {DENSE_TUNED} (FID {tuned['fid']:.2f}, limit {fid_limit:.2f} with the spread): {DIFFCR_STEPS} "
-        f"keeps quality up to {where(DIFFCR_STEPS)}, {DENSE_TUNED_STEPS} up to {where(DENSE_TUNED_STEPS)}."
+        f"Against {DENSE_TUNED} ({axis.show(tuned[axis.key])}, limit {axis.number(limit)} with the spread): "
+        f"{DIFFCR_STEPS} keeps quality up to {where(DIFFCR_STEPS)}, {DENSE_TUNED_STEPS} up to "
+        f"{where(DENSE_TUNED_STEPS)}."
     )
-    return {"fid_limit": fid_limit, "best": best, "explanation": explanation}
+    return {axis.limit_key: limit, "best": best, "explanation": explanation}
 
 
-def _explain(rows: list[dict], best_rows: dict, fid_limit: float, goal: float, reached: bool) -> str:
+def _explain(
+    rows: list[dict], best_rows: dict, limit: float, goal: float, reached: bool, axis: QualityAxis = FID_AXIS
+) -> str:
     """Why the goal was reached or not, in sentences built from the measured numbers."""
 
     def where(row: dict | None) -> str:
@@ -387,8 +477,8 @@ def _explain(rows: list[dict], best_rows: dict, fid_limit: float, goal: float, r
     diffcr_alone = best_rows.get(DIFFCR)
     if reached:
         return (
-            f"Reached: {DIFFCR_STEPS} runs {where(composed)} at FID {composed['fid']:.2f} (limit {fid_limit:.2f}), "
-            f"where {FEWER_STEPS} alone stop at {where(steps_alone)}."
+            f"Reached: {DIFFCR_STEPS} runs {where(composed)} at {axis.show(composed[axis.key])} (limit "
+            f"{axis.number(limit)}), where {FEWER_STEPS} alone stop at {where(steps_alone)}."
         )
     sentences = []
     if composed is not None and composed["speedup"] >= goal:
@@ -399,10 +489,10 @@ def _explain(rows: list[dict], best_rows: dict, fid_limit: float, goal: float, r
         )
         return " ".join(sentences)
     if composed is None:
-        sentences.append(f"Not reached: no {DIFFCR_STEPS} point keeps FID within {fid_limit:.2f}.")
+        sentences.append(f"Not reached: no {DIFFCR_STEPS} point keeps {axis.bound(limit)}.")
     else:
         sentences.append(
-            f"Not reached: {DIFFCR_STEPS} keeps FID within {fid_limit:.2f} up to {where(composed)}, short of {goal:g}x."
+            f"Not reached: {DIFFCR_STEPS} keeps {axis.bound(limit)} up to {where(composed)}, short of {goal:g}x."
         )
     if steps_alone is not None and diffcr_alone is not None:
         product = steps_alone["speedup"] * diffcr_alone["speedup"]
@@ -422,7 +512,7 @@ def _explain(rows: list[dict], best_rows: dict, fid_limit: float, goal: float, r
     if lossy:
         sentences.append(
             f"The composed points at or above {goal:g}x lose quality (their losses add up): "
-            + "; ".join(f"{row['setting']} {row['speedup']:.2f}x, FID {row['fid']:.2f}" for row in lossy)
+            + "; ".join(f"{row['setting']} {row['speedup']:.2f}x, {axis.show(row[axis.key])}" for row in lossy)
             + "."
         )
     elif composed_rows:
@@ -451,47 +541,71 @@ class FrontierModels:
     diffcr: dict[float, torch.nn.Module]
 
 
-def train_models(dense_model, train_set, trained_dir: Path, recipe: FrontierRecipe, progress: bool) -> FrontierModels:
+def train_frontier_models(
+    dense_model, trained_dir: Path, recipe: FrontierPlan, train_one: Callable[[Path, object], torch.nn.Module]
+) -> FrontierModels:
     """Fine-tune dense and one DiffCR model per target kept ratio, every one with the recipe's budget (only those
-    that the recipe's families sample)."""
-    import diffcr
-    from diffcr.compare import train_variant
+    that the recipe's families sample).
 
-    compare_recipe = recipe.compare_recipe()
+    Args:
+        dense_model: the shipped dense model (left untouched).
+        trained_dir: where each training writes its run folder.
+        recipe: a frontier recipe (its families, targets, `timestep_regions` and `ratio_loss_weight`).
+        train_one: `train_one(run_dir, diffcr_config)` trains a copy of dense at the recipe's budget and returns it
+            in eval mode; `diffcr_config` None fine-tunes dense.
+
+    Returns:
+        The `FrontierModels` the points sample with.
+    """
+    import diffcr
+
     dense_tuned = None
     if recipe.trains_dense_tuned:
         logger.info("training dense fine-tuned (%d steps)", recipe.train_steps)
-        dense_tuned = train_variant(
-            dense_model, train_set, trained_dir / "dense-tuned", compare_recipe, None, None, progress
-        )
+        dense_tuned = train_one(trained_dir / "dense-tuned", None)
     routed = {}
     for kept in recipe.diffcr_targets if recipe.trains_diffcr else ():
         config = diffcr.DiffCRConfig(
             target_kept_ratio=kept, timestep_regions=recipe.timestep_regions, ratio_loss_weight=recipe.ratio_loss_weight
         )
         logger.info("training %s at target kept ratio %.2f (%d steps)", DIFFCR, kept, recipe.train_steps)
-        routed[kept] = train_variant(
-            dense_model, train_set, trained_dir / f"diffcr-kept{kept:g}", compare_recipe, config, None, progress
-        )
+        routed[kept] = train_one(trained_dir / f"diffcr-kept{kept:g}", config)
     return FrontierModels(dense=dense_model, dense_tuned=dense_tuned, diffcr=routed)
 
 
-def build_contestant(point: FrontierPoint, models: FrontierModels, recipe: FrontierRecipe) -> FrontierContestant:
-    """The contestant that samples `point`: its model, its steps, and a first-block cache around it if asked."""
+def train_models(dense_model, train_set, trained_dir: Path, recipe: FrontierRecipe, progress: bool) -> FrontierModels:
+    """`train_frontier_models` on the class-conditional default (`compare.train_variant` on `train_set`)."""
+    from diffcr.compare import train_variant
+
+    compare_recipe = recipe.compare_recipe()
+
+    def train_one(run_dir: Path, config) -> torch.nn.Module:
+        return train_variant(dense_model, train_set, run_dir, compare_recipe, config, None, progress)
+
+    return train_frontier_models(dense_model, trained_dir, recipe, train_one)
+
+
+def point_model(point: FrontierPoint, models: FrontierModels) -> tuple[torch.nn.Module, Callable]:
+    """The model that samples `point` and the context around each of its sampling runs: a first-block cache on a
+    copy of its weights when the point has a threshold, else the weights as they are and no context."""
     if point.fine_tuned:
         model = models.dense_tuned
     elif point.target_kept_ratio is not None:
         model = models.diffcr[point.target_kept_ratio]
     else:
         model = models.dense
+    if point.threshold is None:
+        return model, contextlib.nullcontext
     from diffcr.baselines import FirstBlockCache
 
-    run_context = contextlib.nullcontext
-    if point.threshold is not None:
-        # a copy: the cache hooks the blocks in place, and other points sample with the same model uncached
-        cache = FirstBlockCache(copy.deepcopy(model), point.threshold)
-        model = cache.model
-        run_context = cache.sampling_run
+    # a copy: the cache hooks the blocks in place, and other points sample with the same model uncached
+    cache = FirstBlockCache(copy.deepcopy(model), point.threshold)
+    return cache.model, cache.sampling_run
+
+
+def build_contestant(point: FrontierPoint, models: FrontierModels, recipe: FrontierRecipe) -> FrontierContestant:
+    """The contestant that samples `point`: its model, its steps, and a first-block cache around it if asked."""
+    model, run_context = point_model(point, models)
     sample_cfg = recipe.compare_recipe().sample_config(point.steps)
     return FrontierContestant(point.family, None, point.setting, model, sample_cfg, run_context, point=point)
 
@@ -610,37 +724,56 @@ def run_frontier(
     return result
 
 
-def judge_rows(points: list[FrontierPoint], results: list, dense_fid: float, fid_spread: float) -> tuple[list, dict]:
-    """One row per point (its `ContestResult`, family and knobs), each family's frontiers marked, `no_loss` set
-    (FID within dense's + the spread); and the goal's verdict."""
+def judge_rows(
+    points: list[FrontierPoint],
+    results: list,
+    dense_fid: float,
+    fid_spread: float,
+    axis: QualityAxis = FID_AXIS,
+    accuracy_key: str = "accuracy",
+) -> tuple[list, dict]:
+    """One row per point (its measured result, family and knobs), each family's frontiers marked, `no_loss` set
+    (quality on `axis` within dense's and the spread); and the goal's verdict.
+
+    Args:
+        points: the points, dense first.
+        results: one dataclass per point, in the same order (`compare.ContestResult`, `t2i_bench.T2IRow`).
+        dense_fid, fid_spread: dense's quality on `axis` and its run-to-run spread (FID on the default axis).
+        axis: the quality axis of the verdict and of `no_loss`.
+        accuracy_key: the rows' accuracy field, for `mark_frontiers`.
+
+    Returns:
+        (rows as dicts, `goal_verdict`'s verdict).
+    """
     rows = []
     for point, measured in zip(points, results):
         row = asdict(measured)
         row |= {"family": point.family, "setting": point.setting, "steps": point.steps}
         row |= {"target_kept_ratio": point.target_kept_ratio, "threshold": point.threshold}
         rows.append(row)
-    mark_frontiers(rows)
-    verdict = goal_verdict(rows, dense_fid, fid_spread)
+    mark_frontiers(rows, accuracy_key)
+    verdict = goal_verdict(rows, dense_fid, fid_spread, axis=axis)
     for row in rows:
-        row["no_loss"] = row["fid"] <= verdict["fid_limit"]
+        row["no_loss"] = axis.within(row[axis.key], verdict[axis.limit_key])
     return rows, verdict
 
 
-def _check_not_another_bench(out_dir: Path) -> None:
-    """Refuse a folder whose results.json another bench wrote: the frontier's files would replace it."""
+def _check_not_another_bench(out_dir: Path, task: str = "class") -> None:
+    """Refuse a folder whose results.json another bench wrote, or the frontier of another task: this frontier's
+    files would replace it (a frontier's results.json without "task" is the class-conditional one's)."""
     import json
 
     existing = out_dir / "results.json"
     if not existing.is_file():
         return
     try:
-        kind = json.loads(existing.read_text()).get("kind")
+        payload = json.loads(existing.read_text())
+        kind, its_task = payload.get("kind"), payload.get("task", "class")
     except (ValueError, AttributeError):
-        kind = None
-    if kind != RESULT_KIND:
-        raise ValueError(
-            f"{out_dir} holds another bench's results.json, which the frontier would replace; use another --out"
-        )
+        kind, its_task = None, None
+    if kind != RESULT_KIND or its_task != task:
+        what = f"the --task {its_task} frontier's" if kind == RESULT_KIND else "another bench's"
+        raise ValueError(f"{out_dir} holds {what} results.json, which the frontier would replace; use another --out")
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -728,16 +861,37 @@ def results_markdown(result: dict) -> str:
             f"speedup is {again[0]['speedup']:.2f}x.",
             "",
         ]
-    out += ["**Highest measured speedup at no measurable loss, per family:**", ""]
+    out += verdict_lines(verdict)
+    return "\n".join(out)
+
+
+def verdict_lines(
+    verdict: dict, axis: QualityAxis = FID_AXIS, describe: Callable[[str, dict], str] | None = None
+) -> list[str]:
+    """The report's closing Markdown lines: each family's highest measured speedup at no measurable loss, the
+    goal's verdict, and the fine-tuning confound.
+
+    Args:
+        verdict: `goal_verdict`'s verdict on `axis`.
+        axis: the quality axis of the verdict.
+        describe: `describe(family, best)` gives what follows a best point's speedup in parentheses (default: its
+            setting and quality on the axis, e.g. "10 steps, FID 10.40").
+    """
+
+    def default(family: str, best: dict) -> str:
+        return f"{best['setting']}, {axis.show(best[axis.key])}"
+
+    describe = describe or default
+    out = ["**Highest measured speedup at no measurable loss, per family:**", ""]
     best_by_family = verdict["best"]
     ordered = [family for family in FAMILIES if family in best_by_family]
     ordered += [family for family in best_by_family if family not in ordered]
     for family in ordered:
         best = best_by_family[family]
         if best is None:
-            out.append(f"- {family}: no point within FID {verdict['fid_limit']:.2f}")
+            out.append(f"- {family}: no point with {axis.bound(verdict[axis.limit_key])}")
         else:
-            out.append(f"- {family}: {best['speedup']:.2f}x ({best['setting']}, FID {best['fid']:.2f})")
+            out.append(f"- {family}: {best['speedup']:.2f}x ({describe(family, best)})")
     out += [
         "",
         f"**Goal** ({DIFFCR_STEPS} reaches >= {verdict['goal']:g}x end to end at no measurable loss where "
@@ -746,18 +900,31 @@ def results_markdown(result: dict) -> str:
     ]
     if verdict.get("against_tuned"):
         out += [f"**The fine-tuning confound.** {verdict['against_tuned']['explanation']}", ""]
-    return "\n".join(out)
+    return out
 
 
-def plot_frontier(rows: list[dict], dense_fid: float, fid_spread: float, path: Path) -> Path:
-    """Two panels sharing x = measured speedup: FID (top) and accuracy (bottom). Each family one colour, its
-    frontier a line, its other points open markers; dense a star; dense's FID ± spread shaded; the goal dotted."""
+def plot_frontier(
+    rows: list[dict],
+    dense_quality: float,
+    spread: float,
+    path: Path,
+    axis: QualityAxis = FID_AXIS,
+    other: QualityAxis = CLASSIFIER_ACCURACY,
+) -> Path:
+    """Two panels sharing x = measured speedup: quality on `axis` (top, FID by default) and on `other` (bottom,
+    the classifier's accuracy by default). Each family one colour, its frontier a line, its other points open
+    markers; dense a star; dense's quality ± its run-to-run `spread` shaded on the top panel; the goal dotted."""
     from diffcr.report import _matplotlib
 
     plt = _matplotlib()
-    fig, (fid_ax, accuracy_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 7.5))
-    fid_ax.axhspan(
-        dense_fid - fid_spread, dense_fid + fid_spread, color="grey", alpha=0.2, label="dense FID ± run-to-run spread"
+    fig, (top_ax, bottom_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 7.5))
+    panels = ((top_ax, axis), (bottom_ax, other))
+    top_ax.axhspan(
+        axis.scale * (dense_quality - spread),
+        axis.scale * (dense_quality + spread),
+        color="grey",
+        alpha=0.2,
+        label=f"dense {axis.name} ± run-to-run spread",
     )
     families = [family for family in FAMILIES if any(row["family"] == family for row in rows)]
     families += [family for family in dict.fromkeys(row["family"] for row in rows) if family not in families]
@@ -765,28 +932,30 @@ def plot_frontier(rows: list[dict], dense_fid: float, fid_spread: float, path: P
         colour = f"C{number}"
         mine = sorted((row for row in rows if row["family"] == family), key=lambda row: row["speedup"])
         if family == DENSE:
-            for ax, key, scale in ((fid_ax, "fid", 1), (accuracy_ax, "accuracy", 100)):
-                ax.plot([r["speedup"] for r in mine], [scale * r[key] for r in mine], "*", color="k", markersize=14)
-            fid_ax.plot([], [], "*", color="k", markersize=10, label=DENSE)
+            for ax, panel in panels:
+                speedups = [r["speedup"] for r in mine]
+                ax.plot(speedups, [panel.scale * r[panel.key] for r in mine], "*", color="k", markersize=14)
+            top_ax.plot([], [], "*", color="k", markersize=10, label=DENSE)
             continue
-        panels = ((fid_ax, "fid", "on_frontier", 1), (accuracy_ax, "accuracy", "on_accuracy_frontier", 100))
-        for ax, key, flag, scale in panels:
-            front = [row for row in mine if row[flag]]
-            others = [row for row in mine if not row[flag]]
-            ax.plot([r["speedup"] for r in front], [scale * r[key] for r in front], "o-", color=colour, markersize=6)
-            ax.plot([r["speedup"] for r in others], [scale * r[key] for r in others], "o", color=colour, mfc="none")
-        fid_ax.plot([], [], "o-", color=colour, label=family)
-    for ax in (fid_ax, accuracy_ax):
+        for ax, panel in panels:
+            front = [row for row in mine if row[panel.frontier_key]]
+            others = [row for row in mine if not row[panel.frontier_key]]
+            front_values = [panel.scale * r[panel.key] for r in front]
+            other_values = [panel.scale * r[panel.key] for r in others]
+            ax.plot([r["speedup"] for r in front], front_values, "o-", color=colour, markersize=6)
+            ax.plot([r["speedup"] for r in others], other_values, "o", color=colour, mfc="none")
+        top_ax.plot([], [], "o-", color=colour, label=family)
+    for ax, panel in panels:
         ax.axvline(GOAL_SPEEDUP, color="k", linestyle=":", alpha=0.6, label=f"goal: {GOAL_SPEEDUP:g}x")
         ax.grid(alpha=0.3)
-    fids = [row["fid"] for row in rows if row["fid"] > 0]
-    if fids and max(fids) > 3 * min(fids):  # a few very lossy points would flatten the band: log scale
-        fid_ax.set_yscale("log")
-    fid_ax.set_ylabel("feature FID vs held-out (lower is better)")
-    fid_ax.set_title("frontier of each family: line; other points: open markers", fontsize=9)
-    fid_ax.legend(fontsize=7, loc="best")
-    accuracy_ax.set_ylabel("classifier accuracy (%)")
-    accuracy_ax.set_xlabel("measured end-to-end sampling speedup over dense")
+        ax.set_ylabel(panel.label)
+        values = [row[panel.key] for row in rows if row[panel.key] is not None and row[panel.key] > 0]
+        # a few very lossy points would flatten a distance's band: log scale
+        if not panel.higher_is_better and values and max(values) > 3 * min(values):
+            ax.set_yscale("log")
+    top_ax.set_title("frontier of each family: line; other points: open markers", fontsize=9)
+    top_ax.legend(fontsize=7, loc="best")
+    bottom_ax.set_xlabel("measured end-to-end sampling speedup over dense")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

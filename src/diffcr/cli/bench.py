@@ -1,5 +1,6 @@
 """`diffcr bench`: speed scaling, DiffCR against the alternatives, and the paper's findings, in one run; with
-`--only frontier`, the speed-quality frontier of every family of methods."""
+`--only frontier`, the speed-quality frontier of every family of methods (`--task t2i`: on the text-to-image
+default)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ def bench(
     task: str = typer.Option(
         "class",
         help="'class': the class-conditional DiT on digits (all parts, or --only frontier); 't2i': every method at "
-        "matched speedups on the text-to-image PixArt pipeline, judged by prompt accuracy",
+        "matched speedups on the text-to-image PixArt pipeline, judged by prompt accuracy (or --only frontier)",
     ),
     out: Path = typer.Option(
-        None, help="output folder (default: a new runs/bench-<date>-<time>, or runs/frontier-<date>-<time>)"
+        None,
+        help="output folder (default: a new runs/bench-<date>-<time>, runs/bench-t2i-..., runs/frontier-... or "
+        "runs/frontier-t2i-...)",
     ),
     quick: bool = typer.Option(False, help="tiny sizes: the whole harness in about 2 minutes (a smoke run)"),
     only: str = typer.Option(
         "all",
         help="'all', or one part: 'scaling' (random-weight speed), 'train' (training-step cost), 'compare'; or "
-        "'frontier' (--task class only): quality against measured speedup for fewer steps, first-block cache, "
-        "DiffCR and their compositions, into its own folder (not part of 'all': about an hour on 2 CPU cores)",
+        "'frontier': quality against measured speedup for fewer steps, first-block cache, DiffCR and their "
+        "compositions, into its own folder (not part of 'all': about an hour on 2 CPU cores; with --task t2i, "
+        "judged by prompt accuracy, longer)",
     ),
     base: str = typer.Option("default", help="base model: 'default' (shipped) or a diffusers folder"),
     publish: Path = typer.Option(
@@ -37,7 +41,7 @@ def bench(
 ) -> None:
     """Measure everything side by side and write results.json, results.md and plots (--task t2i: every method on
     the text-to-image default, judged by prompt accuracy; --only frontier: quality against measured speedup for
-    every family of methods and their compositions, with frontier.png)."""
+    every family of methods and their compositions, with frontier.png, on either task)."""
     from diffcr.checkpoint import check_writable_dir, check_writable_file
     from diffcr.harness import publish as publish_results
     from diffcr.harness import run_bench
@@ -54,14 +58,15 @@ def bench(
     if task not in ("class", "t2i"):
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
     if task == "t2i":
-        if only == "frontier":
+        if publish is not None or only not in ("all", "frontier"):
             raise ValueError(
-                "--only frontier measures the class-conditional default; run it with --task class (the default), "
-                "not --task t2i"
+                "--publish and --only (other than 'frontier') belong to --task class; --task t2i takes --out, "
+                "--quick, --base and --only frontier"
             )
-        if publish is not None or only != "all":
-            raise ValueError("--publish and --only belong to --task class; --task t2i takes --out, --quick and --base")
-        _bench_t2i(out, quick, "t2i" if base == "default" else base)
+        if only == "frontier":
+            _bench_t2i_frontier(out, quick, "t2i" if base == "default" else base)
+        else:
+            _bench_t2i(out, quick, "t2i" if base == "default" else base)
         return
     if only not in ("all", "scaling", "train", "compare", "frontier"):
         raise ValueError(f"--only {only!r}: use 'all', 'scaling', 'train', 'compare' or 'frontier'")
@@ -103,13 +108,40 @@ def _bench_frontier(out: Path, quick: bool, base: str | None) -> None:
     from diffcr.frontier import FrontierRecipe, run_frontier
 
     recipe = FrontierRecipe.quick() if quick else FrontierRecipe()
-    work = recipe.workload()
     typer.echo(
-        f"frontier: {work['trainings']} trainings x {work['train_steps']} steps (batch {work['train_batch']}), then "
-        f"{work['points']} points x {recipe.num_samples} images + {len(recipe.spread_seeds)} x {recipe.num_samples} "
-        f"for FID's spread = {work['images']} images ({work['image_steps']} image-steps before savings)"
-        + ("" if quick else "; about an hour on 2 CPU cores")
+        _frontier_estimate("frontier", recipe, "FID's spread") + ("" if quick else "; about an hour on 2 CPU cores")
     )
     result = run_frontier(out, recipe, base=base)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"whole frontier {result['seconds'] / 60:.1f} min; results in {out}")
+
+
+def _bench_t2i_frontier(out: Path | None, quick: bool, base: str) -> None:
+    """Print what the text-to-image frontier will cost, run `diffcr.t2i_frontier.run_t2i_frontier` into `out`,
+    print its table."""
+    import time
+
+    from diffcr.checkpoint import check_writable_dir
+    from diffcr.t2i_frontier import T2IFrontierRecipe, run_t2i_frontier
+
+    out = out or Path("runs") / time.strftime("frontier-t2i-%Y%m%d-%H%M%S")
+    check_writable_dir(out, "--out")
+    recipe = T2IFrontierRecipe.quick() if quick else T2IFrontierRecipe()
+    # about 0.5 s per image at 20 steps on 2 idle cores (docs/RESULTS.md), less where a point saves work
+    typer.echo(
+        _frontier_estimate("text-to-image frontier", recipe, "prompt accuracy's spread")
+        + ("" if quick else "; about an hour and a half on 2 CPU cores")
+    )
+    result = run_t2i_frontier(out, recipe, base=base)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"whole text-to-image frontier {result['seconds'] / 60:.1f} min; results in {out}")
+
+
+def _frontier_estimate(name: str, recipe, spread_of: str) -> str:
+    """One line of what a frontier recipe costs, in counts (`FrontierPlan.workload`)."""
+    work = recipe.workload()
+    return (
+        f"{name}: {work['trainings']} trainings x {work['train_steps']} steps (batch {work['train_batch']}), then "
+        f"{work['points']} points x {recipe.num_samples} images + {len(recipe.spread_seeds)} x {recipe.num_samples} "
+        f"for {spread_of} = {work['images']} images ({work['image_steps']} image-steps before savings)"
+    )

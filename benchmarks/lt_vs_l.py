@@ -25,10 +25,12 @@ from diffcr.models import load_base_model
 from diffcr.models.classifier import load_classifier
 
 
-def variants(target: float, offset_lrs: list[float]) -> dict[str, diffcr.DiffCRConfig]:
-    """DiffCR-L, DiffCR-LT uncoupled (the paper's table), and DiffCR-LT coupled at each offset rate."""
+def variants(target: float, offset_lrs: list[float], uncoupled: bool = True) -> dict[str, diffcr.DiffCRConfig]:
+    """DiffCR-L, DiffCR-LT uncoupled (the paper's table; `uncoupled`), and DiffCR-LT coupled at each offset rate."""
     lt = diffcr.DiffCRConfig(target_kept_ratio=target, timestep_regions=4, ratio_loss_weight=0.3)
-    configs = {"DiffCR-L": lt.replace(timestep_regions=1), "DiffCR-LT uncoupled": lt.replace(region_coupling=False)}
+    configs = {"DiffCR-L": lt.replace(timestep_regions=1)}
+    if uncoupled:
+        configs["DiffCR-LT uncoupled"] = lt.replace(region_coupling=False)
     for offset_lr in offset_lrs:
         configs[f"DiffCR-LT coupled, offsets at {offset_lr:g}"] = lt.replace(region_offset_lr=offset_lr)
     return configs
@@ -40,18 +42,22 @@ def main() -> None:
     parser.add_argument("--targets", default="0.58,0.42", help="target kept ratios (0.58: about 1.5x; 0.42: 2x)")
     parser.add_argument("--offset-lrs", default="1.0,0.2", help="region_offset_lr values of the coupled variants")
     parser.add_argument("--num-per-class", type=int, default=30)
+    parser.add_argument("--no-uncoupled", action="store_true", help="leave out the uncoupled DiffCR-LT rows")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (the sampling noise stays seed 0's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = CompareRecipe(num_per_class=args.num_per_class)
+    train_recipe = CompareRecipe(num_per_class=args.num_per_class, seed=args.seed)
     train_set, heldout = load_dataset()
     dense = load_base_model(None).eval()
     sample_cfg = recipe.sample_config()
     contestants = [Contestant("dense", None, f"{recipe.sampler_steps} steps", dense, sample_cfg)]
     for target in (float(t) for t in args.targets.split(",")):
-        for name, config in variants(target, [float(v) for v in args.offset_lrs.split(",")]).items():
+        offset_lrs = [float(v) for v in args.offset_lrs.split(",")]
+        for name, config in variants(target, offset_lrs, not args.no_uncoupled).items():
             tag = f"{name}-{target:g}".replace(" ", "_").replace(",", "")
-            model = train_variant(dense, train_set, args.out / "trained" / tag, recipe, config)
+            model = train_variant(dense, train_set, args.out / "trained" / tag, train_recipe, config)
             contestants.append(Contestant(name, target, f"target kept {target:g}", model, sample_cfg))
     results, _ = run_contest(contestants, load_classifier(), heldout, recipe, progress=True)
     rows = [asdict(result) for result in results]

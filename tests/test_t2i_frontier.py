@@ -188,7 +188,7 @@ def test_workload_counts_trainings_points_images_and_image_steps():
     # points: dense 1 + fewer steps 6 + cache 3 + DiffCR 3 + DiffCR x steps 3 x 4 + DiffCR x cache 3 x 2 + tuned 1 + 4
     assert work == {
         "trainings": 4,  # three DiffCR targets and dense fine-tuned
-        "train_steps": 100,
+        "train_steps": 200,
         "train_batch": 16,
         "points": 36,
         "images": (36 + 2) * 300,  # and dense on the two spread seed sets

@@ -39,6 +39,7 @@ from diffcr.compare import (
     frozen_uniform,
 )
 from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING
+from diffcr.t2i_demo import T2IDemoRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class T2IBenchRecipe:
     Args:
         speedups: the target measured sampling speedups over dense.
         timestep_regions: DiffCR-LT's regions (the paper's text-to-image setting, 4); DiffCR-L has one.
+        ratio_loss_weight: lambda, the demo's: fine-tuning weighs the diffusion loss as pretraining did (about 6x
+            the plain MSE), so the class-conditional 0.3 would leave the kept ratios near 1.0.
         train_steps, train_batch: the budget every trained variant gets (the text-to-image demo's).
         lr, router_lr, ratio_lr: the demo's learning rates.
         train_uniform: train uniform routing's routers at the same budget (its kept ratios stay fixed), as the
@@ -70,13 +73,13 @@ class T2IBenchRecipe:
     """
 
     speedups: tuple[float, ...] = (1.5, 2.0)
-    timestep_regions: int = 4
-    ratio_loss_weight: float = 0.3
-    train_steps: int = 100
-    train_batch: int = 16
-    lr: float = 1e-4
-    router_lr: float = 1e-3
-    ratio_lr: float = 2e-2
+    timestep_regions: int = T2IDemoRecipe.timestep_regions
+    ratio_loss_weight: float = T2IDemoRecipe.ratio_loss_weight
+    train_steps: int = T2IDemoRecipe.steps
+    train_batch: int = T2IDemoRecipe.batch_size
+    lr: float = T2IDemoRecipe.lr
+    router_lr: float = T2IDemoRecipe.router_lr
+    ratio_lr: float = T2IDemoRecipe.ratio_lr
     train_uniform: bool = True
     sampler_steps: int = 20
     guidance_scale: float = 4.5

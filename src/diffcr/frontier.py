@@ -573,18 +573,6 @@ def train_frontier_models(
     return FrontierModels(dense=dense_model, dense_tuned=dense_tuned, diffcr=routed)
 
 
-def train_models(dense_model, train_set, trained_dir: Path, recipe: FrontierRecipe, progress: bool) -> FrontierModels:
-    """`train_frontier_models` on the class-conditional default (`compare.train_variant` on `train_set`)."""
-    from diffcr.compare import train_variant
-
-    compare_recipe = recipe.compare_recipe()
-
-    def train_one(run_dir: Path, config) -> torch.nn.Module:
-        return train_variant(dense_model, train_set, run_dir, compare_recipe, config, None, progress)
-
-    return train_frontier_models(dense_model, trained_dir, recipe, train_one)
-
-
 def point_model(point: FrontierPoint, models: FrontierModels) -> tuple[torch.nn.Module, Callable]:
     """The model that samples `point` and the context around each of its sampling runs: a first-block cache on a
     copy of its weights when the point has a threshold, else the weights as they are and no context."""
@@ -663,7 +651,7 @@ def run_frontier(
     """
     from diffcr.benchmark import machine_description
     from diffcr.checkpoint import write_json_atomic, write_text_atomic
-    from diffcr.compare import run_contest
+    from diffcr.compare import run_contest, train_variant
     from diffcr.data import load_dataset
     from diffcr.models import load_base_model
     from diffcr.models.classifier import load_classifier
@@ -686,7 +674,12 @@ def run_frontier(
     phase_seconds: dict[str, float] = {}
 
     phase_started = time.perf_counter()
-    models = train_models(dense_model, train_set, trained_dir, recipe, progress)
+    compare_recipe = recipe.compare_recipe()
+
+    def train_one(run_dir: Path, config) -> torch.nn.Module:
+        return train_variant(dense_model, train_set, run_dir, compare_recipe, config, None, progress)
+
+    models = train_frontier_models(dense_model, trained_dir, recipe, train_one)
     phase_seconds["training"] = time.perf_counter() - phase_started
     if on_cpu:
         # the training loop sets its own thread count (TrainConfig.num_threads): sampling and timing use the recipe's

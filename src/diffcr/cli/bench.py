@@ -127,10 +127,9 @@ def _bench_t2i_frontier(out: Path | None, quick: bool, base: str) -> None:
     out = out or Path("runs") / time.strftime("frontier-t2i-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--out")
     recipe = T2IFrontierRecipe.quick() if quick else T2IFrontierRecipe()
-    # about 0.5 s per image at 20 steps on 2 idle cores (docs/RESULTS.md), less where a point saves work
     typer.echo(
         _frontier_estimate("text-to-image frontier", recipe, "prompt accuracy's spread")
-        + ("" if quick else "; about an hour and a half on 2 CPU cores")
+        + ("" if quick else "; several hours on 2 CPU cores (a 20-point run took over 90 minutes on one thread)")
     )
     result = run_t2i_frontier(out, recipe, base=base)
     typer.echo((out / "results.md").read_text())

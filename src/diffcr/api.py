@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from diffcr.adapters import get_adapter
-from diffcr.adapters.base import mlp_gate_hook, routed_class
+from diffcr.adapters.base import check_cross_attention_bypass, mlp_gate_hook, routed_class
 from diffcr.config import CONFIG_VERSION, DiffCRConfig
 from diffcr.contracts import (
     execution_device,
@@ -111,6 +111,8 @@ def apply(model, config: DiffCRConfig | None = None):
                 f"gate='sigmoid_mlp' cannot gate chunked feed-forward (blocks {chunked}); "
                 "disable feed-forward chunking or use another gate"
             )
+    if not config.route_cross_attention:
+        check_cross_attention_bypass(blocks)
     num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
     if config.timestep_regions > num_train_timesteps and not adapter.continuous_timesteps:
         raise ValueError(

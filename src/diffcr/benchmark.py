@@ -54,14 +54,21 @@ def model_flops(
         kept_ratios: kept ratio per block (None = dense); each block computes `num_kept_tokens` tokens.
         context_tokens: text tokens for cross-attention (PixArt).
     """
+    import diffcr
+
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     kept_ratios = kept_ratios or [1.0] * len(blocks)
+    # with route_cross_attention=False, bypassed tokens still run the block's cross-attention
+    cross_on_bypassed = diffcr.is_applied(model) and not diffcr.get_config(model).route_cross_attention
     total = 0
     for kept in kept_ratios:
         kept_tokens = num_kept_tokens(kept, num_tokens)
         if kept_tokens:
             total += adapter.block_flops(model, kept_tokens, context_tokens)
+        if cross_on_bypassed and kept_tokens < num_tokens:
+            bypassed = num_tokens - kept_tokens
+            total += adapter.cross_attention_flops(model, bypassed, context_tokens, text_projections=not kept_tokens)
         if kept_tokens not in (0, num_tokens):
             total += 2 * num_tokens * adapter.hidden_size(model)  # the router
     return total * batch_size

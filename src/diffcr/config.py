@@ -50,6 +50,11 @@ class DiffCRConfig:
             share: the per-region offsets' learning rate relative to the layer ratio's (0 = the regions move
             together, as DiffCR-L's one ratio; 1 = as fast as the layer). 0.2 made DiffCR-LT at least as good
             as DiffCR-L at 1.5x on the shipped DiT (docs/RESULTS.md).
+        route_cross_attention: True (the paper): a bypassed token skips the whole block, cross-attention
+            included. False (a diffcr extension, PixArt's adaLN-single blocks only): a bypassed token still gets
+            the block's cross-attention update, so the caption reaches every token in every block; it costs the
+            cross-attention on every token (about 14 % of a block's FLOPs on the shipped text-to-image default,
+            where it more than doubled prompt accuracy at half the tokens; docs/RESULTS.md).
 
     Example:
         >>> DiffCRConfig(target_kept_ratio=0.8, timestep_regions=4).ratio_bins[:3]
@@ -65,6 +70,7 @@ class DiffCRConfig:
     init_kept_ratio: float = 1.0
     region_coupling: bool = True
     region_offset_lr: float = 0.2
+    route_cross_attention: bool = True
 
     def __post_init__(self) -> None:
         _check_number("target_kept_ratio", self.target_kept_ratio)
@@ -74,6 +80,8 @@ class DiffCRConfig:
         if not isinstance(self.region_coupling, bool):
             raise ValueError(f"region_coupling={self.region_coupling!r} must be true or false")
         _check_number("region_offset_lr", self.region_offset_lr)
+        if not isinstance(self.route_cross_attention, bool):
+            raise ValueError(f"route_cross_attention={self.route_cross_attention!r} must be true or false")
         if not 0.0 <= self.region_offset_lr <= 1.0:
             raise ValueError(
                 f"region_offset_lr={self.region_offset_lr} must be in [0, 1] (0: regions move with their layer; "

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 # block_fn(tokens, mlp_gate, kept_idx) -> block output for `tokens`; mlp_gate is (B, k, 1) or None; kept_idx is
 # (B, k), or None when every token runs (a block with positions outside its tokens, e.g. rotary tables, needs it)
 BlockFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+# bypass_fn(bypassed tokens (B, m, C)) -> their update (B, m, C): what a bypassed token still gets, e.g. the
+# block's cross-attention to the caption (`DiffCRConfig.route_cross_attention=False`)
+BypassFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def select_tokens(router_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -28,6 +31,15 @@ def select_tokens(router_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
     top = torch.topk(router_logits, num_kept, dim=1, sorted=False).indices  # (B, k)
     kept_idx, _ = torch.sort(top, dim=1)  # (B, k)
     return kept_idx
+
+
+def complement_tokens(kept_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, k) kept indices -> (B, N - k) the other tokens' indices, ascending in each row."""
+    batch_size, num_kept = kept_idx.shape
+    bypassed = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=kept_idx.device)  # (B, N)
+    bypassed.scatter_(1, kept_idx, False)
+    # every row holds exactly N - k True entries, so the column indices reshape to (B, N - k) in row order
+    return bypassed.nonzero()[:, 1].view(batch_size, num_tokens - num_kept)  # (B, N - k)
 
 
 def flat_index(kept_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -83,8 +95,10 @@ def routed_forward(
     block_fn: BlockFn,
     gate: str,
     as_update: bool,
+    bypass_fn: BypassFn | None = None,
 ) -> torch.Tensor:
-    """Run a block on the top-`num_kept` tokens of each sample; bypassed tokens pass through unchanged.
+    """Run a block on the top-`num_kept` tokens of each sample; bypassed tokens pass through unchanged (or,
+    with `bypass_fn`, get only its update).
 
     Args:
         tokens: (B, N, C) block input.
@@ -94,6 +108,8 @@ def routed_forward(
         gate: the `DiffCRConfig.gate` mode.
         as_update: return the update (output - input, zero on bypassed tokens) instead of the output,
             for blending several bins.
+        bypass_fn: None (the paper: bypassed tokens are left as they are), or the update bypassed tokens get,
+            run on them alone.
 
     Returns:
         (B, N, C): the block output, or its update.
@@ -101,7 +117,10 @@ def routed_forward(
     num_tokens = tokens.shape[1]
     # 1. whole-block skip and dense pass: no router, no gather
     if num_kept == 0:
-        return torch.zeros_like(tokens) if as_update else tokens
+        if bypass_fn is None:
+            return torch.zeros_like(tokens) if as_update else tokens
+        bypass_update = bypass_fn(tokens)  # (B, N, C)
+        return bypass_update if as_update else tokens + bypass_update
     if num_kept >= num_tokens:
         dense_out = block_fn(tokens, None, None)  # (B, N, C)
         return dense_out - tokens if as_update else dense_out
@@ -121,8 +140,16 @@ def routed_forward(
     else:
         # the gate follows the block's dtype (router logits are fp32), so a bf16 model stays bf16
         kept_update = (kept_out - kept_tokens) * gate_values(kept_logits, gate).to(kept_out.dtype)  # (B, k, C)
+    base = torch.zeros_like(tokens) if as_update else tokens  # (B, N, C): what bypassed tokens leave with
+    if bypass_fn is not None:
+        bypass_idx = complement_tokens(kept_idx, num_tokens)  # (B, N - k)
+        bypass_rows = flat_index(bypass_idx, num_tokens)  # (B * (N - k),)
+        bypassed = gather_tokens(tokens, bypass_idx, bypass_rows)  # (B, N - k, C)
+        bypass_update = bypass_fn(bypassed)  # (B, N - k, C)
+        bypass_out = bypass_update if as_update else bypassed + bypass_update  # (B, N - k, C)
+        base = scatter_tokens(base, bypass_idx, bypass_out, bypass_rows)  # (B, N, C)
     if as_update:
-        return scatter_tokens(torch.zeros_like(tokens), kept_idx, kept_update, rows)
+        return scatter_tokens(base, kept_idx, kept_update, rows)
     if kept_update is None:
-        return scatter_tokens(tokens, kept_idx, kept_out, rows)
-    return scatter_tokens(tokens, kept_idx, kept_tokens + kept_update, rows)
+        return scatter_tokens(base, kept_idx, kept_out, rows)
+    return scatter_tokens(base, kept_idx, kept_tokens + kept_update, rows)

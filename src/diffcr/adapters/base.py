@@ -61,6 +61,18 @@ class Adapter:
     def num_train_timesteps(self, model) -> int:
         return int(getattr(model.config, "num_train_timesteps", None) or self.default_num_train_timesteps)
 
+    def cross_attention_flops(self, model, num_tokens: int, context_tokens: int, text_projections: bool = True) -> int:
+        """FLOPs (x2) of a block's cross-attention from `num_tokens` image tokens to `context_tokens` text tokens;
+        `text_projections`: count the text tokens' k, v projections (once per block call)."""
+        if not (self.has_cross_attention and context_tokens and num_tokens):
+            return 0
+        width = self.hidden_size(model)
+        flops = 2 * num_tokens * 2 * width * width  # q and out projections of the image tokens
+        flops += 2 * 2 * num_tokens * context_tokens * width  # q @ k^T and attn @ v
+        if text_projections:
+            flops += 2 * context_tokens * 2 * width * width  # k, v of the text tokens
+        return flops
+
     def block_flops(self, model, num_tokens: int, context_tokens: int = 0) -> int:
         """Multiply-add FLOPs (x2) of one block on `num_tokens` image tokens: projections, attention's
         quadratic term, cross-attention to `context_tokens` text tokens, and the MLP."""
@@ -69,10 +81,7 @@ class Adapter:
         flops = 2 * num_tokens * 4 * width * width  # q, k, v, out projections
         flops += 2 * 2 * num_tokens * num_tokens * width  # q @ k^T and attn @ v
         flops += 2 * num_tokens * 2 * width * ff_inner  # MLP
-        if self.has_cross_attention and context_tokens:
-            flops += 2 * num_tokens * 2 * width * width  # q and out projections of the image tokens
-            flops += 2 * context_tokens * 2 * width * width  # k, v of the text tokens
-            flops += 2 * 2 * num_tokens * context_tokens * width
+        flops += self.cross_attention_flops(model, num_tokens, context_tokens)
         if self.joint_attention and context_tokens:
             flops += 2 * context_tokens * 4 * width * width  # the text tokens' q, k, v, out projections
             flops += 2 * 2 * (2 * num_tokens + context_tokens) * context_tokens * width  # joint attention's rest
@@ -136,6 +145,38 @@ def _argument(block, args: tuple, kwargs: dict, name: str):
         return kwargs[name]
     position = type(block)._diffcr_argument_positions.get(name)
     return args[position] if position is not None and position < len(args) else None
+
+
+def check_cross_attention_bypass(blocks) -> None:
+    """Refuse `route_cross_attention=False` on blocks whose cross-attention it cannot run on bypassed tokens:
+    only adaLN-single blocks (PixArt) attend to the caption from the raw tokens, with no norm of their own."""
+    bad = [
+        i
+        for i, block in enumerate(blocks)
+        if type(block).__name__ != "BasicTransformerBlock"
+        or getattr(block, "attn2", None) is None
+        or getattr(block, "norm_type", None) != "ada_norm_single"
+    ]
+    if bad:
+        raise ValueError(
+            f"route_cross_attention=False gives bypassed tokens the block's cross-attention, which blocks {bad[:6]} "
+            "do not have in the form it needs (PixArt's adaLN-single blocks with cross-attention); use "
+            "route_cross_attention=True (the paper: bypassed tokens skip the whole block)"
+        )
+
+
+def _cross_attention_update(block, args: tuple, kwargs: dict):
+    """The block's cross-attention update alone, as a function of the tokens it runs on (PixArt's adaLN-single
+    block adds attn2 of its raw hidden states, with no norm before it)."""
+    context = _argument(block, args, kwargs, "encoder_hidden_states")  # (b, T, C)
+    context_mask = _argument(block, args, kwargs, "encoder_attention_mask")  # (b, 1, T) bias, or None
+    extra = dict(_argument(block, args, kwargs, "cross_attention_kwargs") or {})
+    extra.pop("gligen", None)  # the block itself pops it before attn2
+
+    def update(tokens: torch.Tensor) -> torch.Tensor:
+        return block.attn2(tokens, encoder_hidden_states=context, attention_mask=context_mask, **extra)
+
+    return update
 
 
 def routed_block_call(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
@@ -206,6 +247,7 @@ def _run_plan(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwa
     if kept_counts - {0, num_tokens}:
         router_logits = controller.router_logits(layer, hidden_states)  # (B, N), fp32
     gate = controller.config.gate
+    route_cross = controller.config.route_cross_attention
     outputs, texts, order = [], [], []
     for group in plan:
         # 3. this group's samples and their per-sample arguments
@@ -220,6 +262,7 @@ def _run_plan(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwa
             order.append(idx)
 
         text_outputs: dict[int, torch.Tensor | None] = {}  # num_kept -> the text stream that pass returned
+        bypass_fn = None if route_cross else _cross_attention_update(block, group_args, group_kwargs)
 
         def block_fn(kept_tokens, mlp_gate, kept_idx, _args=group_args, _kwargs=group_kwargs, _texts=text_outputs):
             if rotary is not None and kept_idx is not None:
@@ -240,12 +283,20 @@ def _run_plan(block, base_forward, hidden_states: torch.Tensor, args: tuple, kwa
         # 4. one pass at a bin, or two passes blended by the interpolation weights
         if len(group.passes) == 1 and group.passes[0][1] is None:
             kept = group.passes[0][0]
-            out = routed_forward(tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate, as_update=False)
+            out = routed_forward(
+                tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate, as_update=False, bypass_fn=bypass_fn
+            )
         else:
             out = tokens
             for kept, weight in group.passes:
                 update = routed_forward(
-                    tokens, logits, num_kept_tokens(kept, num_tokens), block_fn, gate, as_update=True
+                    tokens,
+                    logits,
+                    num_kept_tokens(kept, num_tokens),
+                    block_fn,
+                    gate,
+                    as_update=True,
+                    bypass_fn=bypass_fn,
                 )  # (b, N, C)
                 out = out + weight.to(update).view(-1, 1, 1) * update  # weight (b,) per sample
         outputs.append(out)

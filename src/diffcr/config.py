@@ -48,8 +48,8 @@ class DiffCRConfig:
             DiffCR-LT learns its layers' shares from every sample, as DiffCR-L does. Inference is unaffected.
         region_offset_lr: with `region_coupling`, how fast the regions of a layer may depart from their layer's
             share: the per-region offsets' learning rate relative to the layer ratio's (0 = the regions move
-            together, as DiffCR-L's one ratio; 1 = as fast as the layer). 0.2 made DiffCR-LT at least as good
-            as DiffCR-L at 1.5x on the shipped DiT (docs/RESULTS.md).
+            together, as DiffCR-L's one ratio; 1 = as fast as the layer). At 0.05 DiffCR-LT matched or beat
+            DiffCR-L at 1.5x and 2x on the shipped DiT (0.2 beat it at 1.5x and lost at 2x; docs/RESULTS.md).
         route_cross_attention: True (the paper): a bypassed token skips the whole block, cross-attention
             included. False (a diffcr extension, PixArt's adaLN-single blocks only): a bypassed token still gets
             the block's cross-attention update, so the caption reaches every token in every block; it costs the
@@ -69,7 +69,7 @@ class DiffCRConfig:
     num_train_timesteps: int | None = None
     init_kept_ratio: float = 1.0
     region_coupling: bool = True
-    region_offset_lr: float = 0.2
+    region_offset_lr: float = 0.05
     route_cross_attention: bool = True
 
     def __post_init__(self) -> None:

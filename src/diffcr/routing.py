@@ -36,10 +36,12 @@ def select_tokens(router_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
 def complement_tokens(kept_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, k) kept indices -> (B, N - k) the other tokens' indices, ascending in each row."""
     batch_size, num_kept = kept_idx.shape
-    bypassed = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=kept_idx.device)  # (B, N)
-    bypassed.scatter_(1, kept_idx, False)
-    # every row holds exactly N - k True entries, so the column indices reshape to (B, N - k) in row order
-    return bypassed.nonzero()[:, 1].view(batch_size, num_tokens - num_kept)  # (B, N - k)
+    kept = torch.zeros(batch_size, num_tokens, dtype=torch.uint8, device=kept_idx.device)  # (B, N)
+    kept.scatter_(1, kept_idx, 1)
+    # a stable sort puts the N - k bypassed tokens (0) first, in index order; static shapes (no nonzero), so a
+    # compiled forward does not break on a data-dependent size
+    order = torch.sort(kept, dim=1, stable=True).indices  # (B, N)
+    return order[:, : num_tokens - num_kept]  # (B, N - k)
 
 
 def flat_index(kept_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:

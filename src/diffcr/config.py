@@ -53,8 +53,8 @@ class DiffCRConfig:
         route_cross_attention: True (the paper): a bypassed token skips the whole block, cross-attention
             included. False (a diffcr extension, PixArt's adaLN-single blocks only): a bypassed token still gets
             the block's cross-attention update, so the caption reaches every token in every block; it costs the
-            cross-attention on every token (about 14 % of a block's FLOPs on the shipped text-to-image default,
-            where it more than doubled prompt accuracy at half the tokens; docs/RESULTS.md).
+            cross-attention on every token (about 13 % of a block's FLOPs on the shipped text-to-image default,
+            where it raised prompt accuracy from 31 % to 51-54 % at half the tokens; docs/RESULTS.md).
 
     Example:
         >>> DiffCRConfig(target_kept_ratio=0.8, timestep_regions=4).ratio_bins[:3]

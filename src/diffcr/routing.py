@@ -142,16 +142,20 @@ def routed_forward(
     else:
         # the gate follows the block's dtype (router logits are fp32), so a bf16 model stays bf16
         kept_update = (kept_out - kept_tokens) * gate_values(kept_logits, gate).to(kept_out.dtype)  # (B, k, C)
-    base = torch.zeros_like(tokens) if as_update else tokens  # (B, N, C): what bypassed tokens leave with
-    if bypass_fn is not None:
-        bypass_idx = complement_tokens(kept_idx, num_tokens)  # (B, N - k)
-        bypass_rows = flat_index(bypass_idx, num_tokens)  # (B * (N - k),)
-        bypassed = gather_tokens(tokens, bypass_idx, bypass_rows)  # (B, N - k, C)
-        bypass_update = bypass_fn(bypassed)  # (B, N - k, C)
-        bypass_out = bypass_update if as_update else bypassed + bypass_update  # (B, N - k, C)
-        base = scatter_tokens(base, bypass_idx, bypass_out, bypass_rows)  # (B, N, C)
     if as_update:
-        return scatter_tokens(base, kept_idx, kept_update, rows)
-    if kept_update is None:
-        return scatter_tokens(base, kept_idx, kept_out, rows)
-    return scatter_tokens(base, kept_idx, kept_tokens + kept_update, rows)
+        out = scatter_tokens(torch.zeros_like(tokens), kept_idx, kept_update, rows)  # (B, N, C)
+    elif kept_update is None:
+        out = scatter_tokens(tokens, kept_idx, kept_out, rows)  # (B, N, C)
+    else:
+        out = scatter_tokens(tokens, kept_idx, kept_tokens + kept_update, rows)  # (B, N, C)
+    if bypass_fn is None:
+        return out
+    # 5. the bypassed tokens' own update, written into the same fresh tensor (no second copy)
+    bypass_idx = complement_tokens(kept_idx, num_tokens)  # (B, N - k)
+    bypass_rows = flat_index(bypass_idx, num_tokens)  # (B * (N - k),)
+    bypassed = gather_tokens(tokens, bypass_idx, bypass_rows)  # (B, N - k, C)
+    bypass_update = bypass_fn(bypassed)  # (B, N - k, C)
+    bypass_out = bypass_update if as_update else bypassed + bypass_update  # (B, N - k, C)
+    out = out.to(torch.promote_types(out.dtype, bypass_out.dtype))  # a no-op unless autocast widened the update
+    out.view(-1, out.shape[-1]).index_copy_(0, bypass_rows, bypass_out.to(out.dtype).reshape(-1, out.shape[-1]))
+    return out

@@ -119,6 +119,14 @@ def test_compress_refuses_bad_numbers_before_any_work(args, words, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_compress_refuses_cross_attention_bypass_on_a_class_conditional_dit(tmp_path):
+    result = invoke("compress", "--out", tmp_path / "out", "--steps", "1", "--batch-size", "2",
+                    "--no-route-cross-attention")  # fmt: skip
+    refused(result, "route_cross_attention=False")
+    assert "use route_cross_attention=True" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 PRETRAIN_NUMBERS = [
     (["--lr", "nan"], "lr=nan"),
     (["--warmup-steps", "-1"], "warmup_steps=-1"),

@@ -89,6 +89,8 @@ def test_routed_rows_carry_their_timestep_regions(bench):
             assert row["timestep_regions"] == regions, row
             assert len(row["schedule"]) == 8 and all(len(layer) == regions for layer in row["schedule"])
             assert 0.0 < row["mean_kept_ratio"] <= 1.0
+            # the demo's routing (cross-attention for bypassed tokens) in every routed method
+            assert row["route_cross_attention"] is TINY.route_cross_attention is False, row
     # uniform routing keeps the tuned ratio everywhere: its ratios never learn
     knob = results["uniform_knobs"][str(TINY.speedups[0])]
     uniform = rows_of(results, UNIFORM)[0]
@@ -106,6 +108,7 @@ def test_report_names_every_method_and_why_tome_is_skipped(bench):
     skipped = {entry["method"]: entry["reason"] for entry in results["skipped"]}
     assert set(skipped) == {TOME} and "ada_norm_single" in skipped[TOME]
     assert f"Skipped, {TOME}" in markdown
+    assert "route_cross_attention=False" in markdown
     assert "| method | target |" in output  # the CLI prints the table
 
 

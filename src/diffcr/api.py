@@ -67,6 +67,42 @@ def _timestep_pre_hook(model, args, kwargs):
     model._modules[ATTR].begin_forward(argument("timestep"), argument("hidden_states").shape[0])
 
 
+def check_config_fits(model, config: DiffCRConfig):
+    """Refuse a config that `apply` would refuse on `model`, without touching the model.
+
+    Returns:
+        (the model's adapter, its blocks, the number of training timesteps its regions cut).
+
+    Raises:
+        ValueError: the config does not fit the model (a gate its blocks lack, cross-attention for bypassed
+            tokens on blocks that cannot run it, more regions than timesteps).
+    """
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    if config.gate == "sigmoid_mlp":
+        without_mlp = [i for i, b in enumerate(blocks) if not isinstance(getattr(b, "ff", None), torch.nn.Module)]
+        if without_mlp:
+            raise ValueError(
+                f"gate='sigmoid_mlp' gates a block's `ff` MLP, which blocks {without_mlp} do not have (e.g. Flux's "
+                "single-stream blocks); use gate='straight_through' or 'sigmoid_block'"
+            )
+        chunked = [i for i, b in enumerate(blocks) if getattr(b, "_chunk_size", None) is not None]
+        if chunked:
+            raise ValueError(
+                f"gate='sigmoid_mlp' cannot gate chunked feed-forward (blocks {chunked}); "
+                "disable feed-forward chunking or use another gate"
+            )
+    if not config.route_cross_attention:
+        check_cross_attention_bypass(blocks)
+    num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
+    if config.timestep_regions > num_train_timesteps and not adapter.continuous_timesteps:
+        raise ValueError(
+            f"timestep_regions={config.timestep_regions} is more than the model's {num_train_timesteps} training "
+            f"timesteps: regions would be empty; use at most {num_train_timesteps} (the paper uses 4 to 10)"
+        )
+    return adapter, blocks, num_train_timesteps
+
+
 def apply(model, config: DiffCRConfig | None = None):
     """Attach routers and learnable kept ratios to every block of `model`, in place.
 
@@ -96,29 +132,7 @@ def apply(model, config: DiffCRConfig | None = None):
         raise TypeError(f"config must be a DiffCRConfig, got {type(config).__name__}")
     if is_applied(model):
         raise ValueError("DiffCR is already applied to this model; call diffcr.remove(model) first")
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    if config.gate == "sigmoid_mlp":
-        without_mlp = [i for i, b in enumerate(blocks) if not isinstance(getattr(b, "ff", None), torch.nn.Module)]
-        if without_mlp:
-            raise ValueError(
-                f"gate='sigmoid_mlp' gates a block's `ff` MLP, which blocks {without_mlp} do not have (e.g. Flux's "
-                "single-stream blocks); use gate='straight_through' or 'sigmoid_block'"
-            )
-        chunked = [i for i, b in enumerate(blocks) if getattr(b, "_chunk_size", None) is not None]
-        if chunked:
-            raise ValueError(
-                f"gate='sigmoid_mlp' cannot gate chunked feed-forward (blocks {chunked}); "
-                "disable feed-forward chunking or use another gate"
-            )
-    if not config.route_cross_attention:
-        check_cross_attention_bypass(blocks)
-    num_train_timesteps = config.num_train_timesteps or adapter.num_train_timesteps(model)
-    if config.timestep_regions > num_train_timesteps and not adapter.continuous_timesteps:
-        raise ValueError(
-            f"timestep_regions={config.timestep_regions} is more than the model's {num_train_timesteps} training "
-            f"timesteps: regions would be empty; use at most {num_train_timesteps} (the paper uses 4 to 10)"
-        )
+    adapter, blocks, num_train_timesteps = check_config_fits(model, config)
     controller = DiffCRController(config, len(blocks), adapter.hidden_size(model), num_train_timesteps)
     # fp32 on the device the model computes on (the controller keeps fp32 through later casts); on a model
     # that is already offloaded the controller stays there: it is a few kilobytes

@@ -132,14 +132,15 @@ class ContestResult:
 # -- preparing contestants ------------------------------------------------------------------------------
 
 
-def frozen_uniform(base, kept_ratio: float):
+def frozen_uniform(base, kept_ratio: float, **config_overrides):
     """A copy of `base` routing every block at `kept_ratio` (routers untrained): for latency probes only,
-    since speed depends on how many tokens run, not on which."""
+    since speed depends on how many tokens run, not on which. `config_overrides` go to `uniform_config`
+    (e.g. `route_cross_attention=False`)."""
     import diffcr
     from diffcr.baselines import uniform_config
 
     model = copy.deepcopy(base)
-    diffcr.apply(model, uniform_config(kept_ratio))
+    diffcr.apply(model, uniform_config(kept_ratio, **config_overrides))
     diffcr.freeze(model)
     return model.eval()
 

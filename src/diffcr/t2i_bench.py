@@ -60,6 +60,9 @@ class T2IBenchRecipe:
             the plain MSE), so the class-conditional 0.3 would leave the kept ratios near 1.0.
         train_steps, train_batch: the budget every trained variant gets (the text-to-image demo's).
         lr, router_lr, ratio_lr: the demo's learning rates.
+        route_cross_attention: the demo's: False gives the tokens a block bypasses its cross-attention update (a
+            diffcr option, docs/METHOD.md section 1) in every routed method (DiffCR-LT, DiffCR-L, uniform and
+            random routing) and in the probes that match their kept ratio to a speedup; True is the paper's routing.
         train_uniform: train uniform routing's routers at the same budget (its kept ratios stay fixed), as the
             class-conditional comparison does; False samples the untrained frozen-uniform model.
         sampler_steps, guidance_scale: the pipeline's DPM-Solver steps and CFG (PixArt's 20 and 4.5).
@@ -80,6 +83,7 @@ class T2IBenchRecipe:
     lr: float = T2IDemoRecipe.lr
     router_lr: float = T2IDemoRecipe.router_lr
     ratio_lr: float = T2IDemoRecipe.ratio_lr
+    route_cross_attention: bool = T2IDemoRecipe.route_cross_attention
     train_uniform: bool = True
     sampler_steps: int = 20
     guidance_scale: float = 4.5
@@ -204,6 +208,7 @@ class T2IRow:
     mean_kept_ratio: float | None = None
     timestep_regions: int | None = None
     schedule: list[list[float]] = field(default_factory=list)
+    route_cross_attention: bool | None = None
 
 
 # -- loading and training -------------------------------------------------------------------------------
@@ -332,15 +337,18 @@ class PipelineSpeedupSearch:
         )
 
 
-def match_kept_ratio(search: PipelineSpeedupSearch, dense_model, target: float) -> tuple[float, float]:
+def match_kept_ratio(
+    search: PipelineSpeedupSearch, dense_model, target: float, route_cross_attention: bool = True
+) -> tuple[float, float]:
     """The uniform kept ratio whose frozen routing reaches `target`: the kept ratio DiffCR trains towards.
 
     Speed depends on how many tokens run, not on which, so untrained routers serve the probes. A bigger knob
-    must be faster, hence the search runs over -kept.
+    must be faster, hence the search runs over -kept. `route_cross_attention` as in the routed methods: with
+    False, bypassed tokens' cross-attention is part of the cost.
     """
 
     def make(negative_kept: float) -> PromptContestant:
-        model = frozen_uniform(dense_model, round(-negative_kept, 3))
+        model = frozen_uniform(dense_model, round(-negative_kept, 3), route_cross_attention=route_cross_attention)
         return PromptContestant(UNIFORM, None, "", model, search.dense.sample_cfg)
 
     negative_kept, speedup = search.match("kept ratio", make, target, -0.95, -0.1)
@@ -445,14 +453,17 @@ def prepare_lineup(
     )
     for target in recipe.speedups:
         with timer("tuning"):
-            kept, _ = match_kept_ratio(search, dense_model, target)
+            kept, _ = match_kept_ratio(search, dense_model, target, recipe.route_cross_attention)
         lineup.uniform_knobs[target] = kept
         config = diffcr.DiffCRConfig(
-            target_kept_ratio=kept, timestep_regions=recipe.timestep_regions, ratio_loss_weight=recipe.ratio_loss_weight
+            target_kept_ratio=kept,
+            timestep_regions=recipe.timestep_regions,
+            ratio_loss_weight=recipe.ratio_loss_weight,
+            route_cross_attention=recipe.route_cross_attention,
         )
         variants = {DIFFCR_LT: (config, None), DIFFCR_L: (config.replace(timestep_regions=1), None)}
         if recipe.train_uniform:
-            variants[UNIFORM] = (uniform_config(kept), 0.0)  # ratio_lr 0: only the routers learn
+            variants[UNIFORM] = (uniform_config(kept, route_cross_attention=recipe.route_cross_attention), 0.0)  # ratio_lr 0: only the routers learn
         trained = {}
         for method, (method_config, ratio_lr) in variants.items():
             tag = f"{method.split()[0]}-{target:g}x"
@@ -465,7 +476,7 @@ def prepare_lineup(
                 PromptContestant(method, target, f"target kept {kept:.2f}", trained[method], sample_cfg)
             )
         if not recipe.train_uniform:
-            model = frozen_uniform(dense_model, kept)
+            model = frozen_uniform(dense_model, kept, route_cross_attention=recipe.route_cross_attention)
             lineup.contestants.append(
                 PromptContestant(UNIFORM, target, f"kept {kept:.2f}, untrained", model, sample_cfg)
             )
@@ -606,6 +617,7 @@ def _schedule_fields(model) -> dict:
         "mean_kept_ratio": sched.mean_kept_ratio,
         "timestep_regions": len(sched.kept_ratio[0]),
         "schedule": sched.kept_ratio,
+        "route_cross_attention": diffcr.get_config(model).route_cross_attention,
     }
 
 
@@ -718,6 +730,15 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _routing_sentence(route_cross_attention: bool) -> str:
+    if route_cross_attention:
+        return "Routed methods use the paper's routing (bypassed tokens skip the whole block). "
+    return (
+        "Routed methods (and the probes that match their kept ratios) give the tokens a block bypasses its "
+        "cross-attention update, as the demo's recipe does (`route_cross_attention=False`). "
+    )
+
+
 def results_markdown(result: dict) -> str:
     """`results.md`: how the bench ran, the table, the plot, and what was skipped and why."""
     recipe, machine = result["recipe"], result["machine"]
@@ -729,7 +750,9 @@ def results_markdown(result: dict) -> str:
         f"seeds for every method (DPM-Solver {recipe['sampler_steps']} steps, CFG {recipe['guidance_scale']}), "
         f"batches of {recipe['sample_batch']} interleaved across all methods; latency = median per full batch of "
         "a whole pipeline call (text encoding and VAE decoding included). Every trained variant got the same "
-        f"budget: {recipe['train_steps']} steps at batch {recipe['train_batch']} on digit scenes. Knobs were "
+        f"budget: {recipe['train_steps']} steps at batch {recipe['train_batch']} on digit scenes. "
+        + _routing_sentence(recipe.get("route_cross_attention", True))
+        + "Knobs were "
         "tuned by bisection on measured latency; a trained model's schedule then lands near, not at, its target "
         f"(marked (missed) when more than {OFF_TARGET:.0%} away). Digits right: the shipped classifier reads the "
         "prompt's digit in its slot (overall, and per prompt kind); images right: every slot as asked. Feature "

@@ -28,7 +28,14 @@ def compress(
     regions: int = typer.Option(4, help="timestep regions R (1 = DiffCR-L)"),
     gate: str = typer.Option("straight_through", help="straight_through, sigmoid_block or sigmoid_mlp"),
     ratio_loss_weight: float = typer.Option(0.3, "--lambda", help="weight of the ratio loss"),
-    config: Path = typer.Option(None, help="a DiffCRConfig JSON (overrides target/regions/gate/lambda)"),
+    route_cross_attention: bool = typer.Option(
+        True,
+        help="--no-route-cross-attention: tokens a block bypasses still get its cross-attention update (PixArt "
+        "only; a diffcr option beyond the paper, docs/METHOD.md section 1)",
+    ),
+    config: Path = typer.Option(
+        None, help="a DiffCRConfig JSON (overrides target/regions/gate/lambda/route-cross-attention)"
+    ),
     recipe: Path = typer.Option(
         None,
         help="a training recipe JSON (DiffCR and training settings, e.g. configs/recipes/*.json); flags given "
@@ -94,6 +101,9 @@ def compress(
         check_diffcr_config(diffcr_config, timestep_range.num_train_timesteps, timestep_range.continuous)
     else:
         (model, train_set), scheduler = load_class_conditional(base, data), None
+    from diffcr.api import check_config_fits
+
+    check_config_fits(model, diffcr_config)  # what apply would refuse, refused before the run folder exists
 
     # 3. train and write, holding the run folder against a second run into the same --out
     torch.manual_seed(cfg.seed)
@@ -233,6 +243,7 @@ DIFFCR_FIELD_OF_OPTION = {
     "regions": "timestep_regions",
     "gate": "gate",
     "ratio_loss_weight": "ratio_loss_weight",
+    "route_cross_attention": "route_cross_attention",
 }
 
 

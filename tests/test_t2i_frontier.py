@@ -297,6 +297,7 @@ def test_every_family_has_rows_on_its_accuracy_frontier(frontier):
         "accuracy's spread = 44 images (76 image-steps before savings)" in output
     )
     assert results["kind"] == "frontier" and results["task"] == "t2i"
+    assert results["skipped"] == []  # diffusers' first-block cache attaches to PixArt
     rows = results["rows"]
     assert len(rows) == 9 and {row["family"] for row in rows} == set(FAMILIES)
     for family in FAMILIES:
@@ -354,3 +355,21 @@ def test_report_plot_and_trained_models_are_written(frontier):
     assert text in output  # the CLI prints the report
     assert (out / "frontier.png").stat().st_size > 1000 and results["plot"].endswith("frontier.png")
     assert {path.name for path in (out / "trained").iterdir()} == {"dense-tuned", "diffcr-kept0.5"}
+
+
+def test_cache_families_are_left_out_with_the_reason_when_the_cache_cannot_attach(monkeypatch):
+    import diffcr.t2i_bench
+    from diffcr.t2i_frontier import drop_families_that_cannot_run
+
+    recipe = T2IFrontierRecipe()
+    # the cache attaches: nothing changes
+    monkeypatch.setattr(diffcr.t2i_bench, "check_fbcache", lambda model: None)
+    assert drop_families_that_cannot_run(recipe, object()) == (recipe, [])
+    # it does not: both cache families go, every other family stays, and the reason is kept for the report
+    monkeypatch.setattr(diffcr.t2i_bench, "check_fbcache", lambda model: "no cache for this layout")
+    kept, skipped = drop_families_that_cannot_run(recipe, object())
+    assert kept.families == tuple(f for f in FAMILIES if f not in (FBCACHE, DIFFCR_FBCACHE))
+    assert skipped == [{"family": f, "reason": "no cache for this layout"} for f in (FBCACHE, DIFFCR_FBCACHE)]
+    # a recipe without cache families is not checked at all
+    no_cache = replace(recipe, families=(DENSE, FEWER_STEPS))
+    assert drop_families_that_cannot_run(no_cache, object()) == (no_cache, [])

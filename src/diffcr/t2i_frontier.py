@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from diffcr.compare import DENSE, DENSE_TUNED, FEWER_STEPS
+from diffcr.compare import DENSE, DENSE_TUNED, FBCACHE, FEWER_STEPS
 from diffcr.frontier import (
     DIFFCR,
+    DIFFCR_FBCACHE,
     FAMILIES,
     FID_AXIS,
     PLOT_NAME,
@@ -287,6 +288,7 @@ def run_t2i_frontier(
         torch.set_num_threads(threads)
     pipe = load_bench_pipeline(base)  # before any folder is made: a wrong base fails first
     dense_model = pipe.transformer  # taken now: every contestant's run puts its own transformer into the pipeline
+    recipe, skipped = drop_families_that_cannot_run(recipe, dense_model)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained_dir = out_dir / "trained"
     if trained_dir.exists():  # the frontier owns this folder: a re-run trains afresh
@@ -340,6 +342,7 @@ def run_t2i_frontier(
         "num_prompts": len(prompts) // recipe.seeds_per_prompt,
         "num_reference": recipe.num_reference,
         "phase_seconds": phase_seconds,
+        "skipped": skipped,
     }
     dense_accuracy = rows[0]["digit_accuracy"]
     plot_path = out_dir / PLOT_NAME
@@ -350,6 +353,23 @@ def run_t2i_frontier(
     write_json_atomic(out_dir / "results.json", result)
     write_text_atomic(out_dir / "results.md", results_markdown(result))
     return result
+
+
+def drop_families_that_cannot_run(recipe: T2IFrontierRecipe, dense_model) -> tuple[T2IFrontierRecipe, list]:
+    """The recipe without the first-block cache's families when diffusers' cache cannot attach to `dense_model`
+    (a transformer of another layout), and what was dropped and why, so that the run does not fail after its
+    training when it reaches the first cached point."""
+    from diffcr.t2i_bench import check_fbcache
+
+    cached = [family for family in recipe.families if family in (FBCACHE, DIFFCR_FBCACHE)]
+    if not cached:
+        return recipe, []
+    problem = check_fbcache(dense_model)
+    if problem is None:
+        return recipe, []
+    logger.warning("leaving out %s: %s", ", ".join(cached), problem)
+    kept = tuple(family for family in recipe.families if family not in cached)
+    return replace(recipe, families=kept), [{"family": family, "reason": problem} for family in cached]
 
 
 def judge_t2i_rows(points: list[FrontierPoint], judged: list[T2IRow], accuracy_spread: float) -> tuple[list, dict]:
@@ -454,4 +474,6 @@ def results_markdown(result: dict) -> str:
             "",
         ]
     out += verdict_lines(verdict, PROMPT_ACCURACY, describe)
+    for skipped in result.get("skipped", []):
+        out += ["", f"Skipped, {skipped['family']}: {skipped['reason']}"]
     return "\n".join(out)

@@ -77,7 +77,7 @@ def test_goal_is_reached_when_only_the_composition_passes_3x_within_the_spread()
         _row(DIFFCR_STEPS, 3.2, 10.5, "kept 0.58, 10 steps"),  # within 10 + 0.5
         _row(DIFFCR_STEPS, 4.0, 12.0, "kept 0.42, 8 steps"),  # lossy
     ]
-    verdict = goal_verdict(rows, dense_fid=10.0, fid_spread=0.5)
+    verdict = goal_verdict(rows, dense_quality=10.0, quality_spread=0.5)
     assert verdict["fid_limit"] == 10.5
     assert verdict["reached"] is True
     assert verdict["composed_speedup"] == 3.2 and verdict["steps_alone_speedup"] == 2.0
@@ -94,7 +94,7 @@ def test_goal_is_not_reached_when_the_composition_stays_below_3x_and_says_why():
         _row(DIFFCR_STEPS, 2.5, 10.4, "kept 0.75, 13 steps"),
         _row(DIFFCR_STEPS, 3.1, 11.8, "kept 0.75, 10 steps"),
     ]
-    verdict = goal_verdict(rows, dense_fid=10.0, fid_spread=0.5)
+    verdict = goal_verdict(rows, dense_quality=10.0, quality_spread=0.5)
     assert verdict["reached"] is False
     assert verdict["composed_speedup"] == 2.5
     text = verdict["explanation"]
@@ -110,7 +110,7 @@ def test_goal_is_not_reached_when_fewer_steps_alone_get_there_too():
         _row(FEWER_STEPS, 3.3, 10.1, "6 steps"),
         _row(DIFFCR_STEPS, 3.5, 10.2),
     ]
-    verdict = goal_verdict(rows, dense_fid=10.0, fid_spread=0.5)
+    verdict = goal_verdict(rows, dense_quality=10.0, quality_spread=0.5)
     assert verdict["reached"] is False
     assert verdict["composed_speedup"] == 3.5 and verdict["steps_alone_speedup"] == 3.3
     assert "alone get there too" in verdict["explanation"]
@@ -118,7 +118,7 @@ def test_goal_is_not_reached_when_fewer_steps_alone_get_there_too():
 
 def test_no_composed_point_within_the_band_is_said_so():
     rows = [_row(DENSE, 1.0, 10.0), _row(FEWER_STEPS, 2.0, 10.2), _row(DIFFCR_STEPS, 3.5, 20.0)]
-    verdict = goal_verdict(rows, dense_fid=10.0, fid_spread=0.5)
+    verdict = goal_verdict(rows, dense_quality=10.0, quality_spread=0.5)
     assert verdict["reached"] is False and verdict["composed_speedup"] is None
     assert verdict["best"][DIFFCR_STEPS] is None
     assert f"no {DIFFCR_STEPS} point keeps FID" in verdict["explanation"]
@@ -166,14 +166,14 @@ def test_the_compositions_are_also_judged_against_dense_fine_tuned():
         _row(DENSE_TUNED_STEPS, 3.0, 12.0, "fine-tuned, 6 steps"),  # outside 10 + 0.5
         _row(DIFFCR_STEPS, 3.5, 10.3, "kept 0.58, 8 steps"),
     ]
-    verdict = goal_verdict(rows, dense_fid=20.0, fid_spread=0.5)
+    verdict = goal_verdict(rows, dense_quality=20.0, quality_spread=0.5)
     tuned = verdict["against_tuned"]
     assert tuned["fid_limit"] == pytest.approx(10.5)
     assert tuned["best"][DENSE_TUNED_STEPS]["speedup"] == 2.0
     assert tuned["best"][DIFFCR_STEPS]["speedup"] == 3.5
     assert "up to 3.50x (kept 0.58, 8 steps)" in tuned["explanation"]
     assert "up to 2.00x (fine-tuned, 10 steps)" in tuned["explanation"]
-    assert goal_verdict(rows[:1], dense_fid=20.0, fid_spread=0.5)["against_tuned"] is None
+    assert goal_verdict(rows[:1], dense_quality=20.0, quality_spread=0.5)["against_tuned"] is None
 
 
 @pytest.mark.parametrize(

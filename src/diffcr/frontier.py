@@ -390,16 +390,20 @@ def _summary(row: dict | None, axis: QualityAxis) -> dict | None:
 
 
 def goal_verdict(
-    rows: list[dict], dense_fid: float, fid_spread: float, goal: float = GOAL_SPEEDUP, axis: QualityAxis = FID_AXIS
+    rows: list[dict],
+    dense_quality: float,
+    quality_spread: float,
+    goal: float = GOAL_SPEEDUP,
+    axis: QualityAxis = FID_AXIS,
 ) -> dict:
     """Judge the goal from measured rows: DiffCR x fewer steps reaches `goal` speedup at no measurable loss (quality
     on `axis` within dense's and its run-to-run spread) where fewer steps alone do not.
 
     Args:
         rows: dicts with `family`, `setting`, `speedup`, `flop_speedup` and the axis's field.
-        dense_fid: dense's quality on `axis` with the contest's noise (its FID on the default axis; the name is
-            kept for the callers that pass it by keyword).
-        fid_spread: that quality's run-to-run spread (dense against dense on disjoint noise).
+        dense_quality: dense's quality on `axis` with the contest's noise (its FID on the default axis, its
+            accuracy on an accuracy axis).
+        quality_spread: that quality's run-to-run spread (dense against dense on disjoint noise).
         goal: the speedup to reach.
         axis: the quality axis: `FID_AXIS` (limit dense + spread) or an accuracy (limit dense - spread).
 
@@ -411,10 +415,10 @@ def goal_verdict(
 
     Example:
         >>> rows = [{"family": "dense", "setting": "20 steps", "speedup": 1.0, "flop_speedup": 1.0, "fid": 10.0}]
-        >>> goal_verdict(rows, dense_fid=10.0, fid_spread=0.5)["fid_limit"]
+        >>> goal_verdict(rows, dense_quality=10.0, quality_spread=0.5)["fid_limit"]
         10.5
     """
-    limit = axis.limit(dense_fid, fid_spread)
+    limit = axis.limit(dense_quality, quality_spread)
     best_rows = best_without_loss(rows, limit, axis)
     composed = best_rows.get(DIFFCR_STEPS)
     steps_alone = best_rows.get(FEWER_STEPS)
@@ -430,7 +434,7 @@ def goal_verdict(
         "steps_alone_speedup": steps_alone_speedup,
         "reached": reached,
         "explanation": _explain(rows, best_rows, limit, goal, reached, axis),
-        "against_tuned": against_dense_tuned(rows, fid_spread, axis),
+        "against_tuned": against_dense_tuned(rows, quality_spread, axis),
     }
 
 
@@ -720,8 +724,8 @@ def run_frontier(
 def judge_rows(
     points: list[FrontierPoint],
     results: list,
-    dense_fid: float,
-    fid_spread: float,
+    dense_quality: float,
+    quality_spread: float,
     axis: QualityAxis = FID_AXIS,
     accuracy_key: str = "accuracy",
 ) -> tuple[list, dict]:
@@ -731,7 +735,8 @@ def judge_rows(
     Args:
         points: the points, dense first.
         results: one dataclass per point, in the same order (`compare.ContestResult`, `t2i_bench.T2IRow`).
-        dense_fid, fid_spread: dense's quality on `axis` and its run-to-run spread (FID on the default axis).
+        dense_quality, quality_spread: dense's quality on `axis` and its run-to-run spread (FID on the default
+            axis).
         axis: the quality axis of the verdict and of `no_loss`.
         accuracy_key: the rows' accuracy field, for `mark_frontiers`.
 
@@ -745,7 +750,7 @@ def judge_rows(
         row |= {"target_kept_ratio": point.target_kept_ratio, "threshold": point.threshold}
         rows.append(row)
     mark_frontiers(rows, accuracy_key)
-    verdict = goal_verdict(rows, dense_fid, fid_spread, axis=axis)
+    verdict = goal_verdict(rows, dense_quality, quality_spread, axis=axis)
     for row in rows:
         row["no_loss"] = axis.within(row[axis.key], verdict[axis.limit_key])
     return rows, verdict

@@ -103,3 +103,27 @@ def test_pretraining_writes_a_pipeline_diffusers_loads_and_samples(tmp_path):
 def test_missing_pipeline_folder_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="diffcr pretrain --task t2i"):
         load_scene_pipeline(tmp_path)
+
+
+def test_pretrain_cli_builds_the_transformer_it_is_told_and_resume_keeps_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffcr.cli import app
+
+    runner = CliRunner()
+    args = ["pretrain", "--task", "t2i", "--out", str(tmp_path / "run"), "--steps", "1", "--vae-steps", "1",
+            "--batch-size", "2", "--num-layers", "2", "--width", "64"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "pipeline" / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_attention_heads"], config["cross_attention_dim"]) == (2, 2, 64)
+    assert config["attention_head_dim"] == 32
+    # resuming with another architecture is refused, and says what differs
+    resumed = runner.invoke(app, [*args[:-2], "--width", "96", "--resume"])
+    assert resumed.exit_code != 0 and "config differs" in resumed.output, resumed.output
+    for bad, words in ((["--width", "48"], "multiple of 32"), (["--num-layers", "0"], "--num-layers 0")):
+        refused = runner.invoke(app, [*args[:-4], *bad, "--out", str(tmp_path / "bad")])
+        assert refused.exit_code == 2 and words in refused.output, refused.output
+        assert not (tmp_path / "bad").exists()
+    on_class = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "class"), "--width", "64"])
+    assert on_class.exit_code == 2 and "belongs to --task t2i" in on_class.output

@@ -27,7 +27,11 @@ def pretrain(
     minutes: float = typer.Option(None, help="stop after this many minutes (a checkpoint is written)"),
     checkpoint_every: int = typer.Option(100),
     seed: int = typer.Option(0),
-    num_layers: int = typer.Option(8, help="depth of the DiT (the shipped model has 8)"),
+    num_layers: int = typer.Option(8, help="depth of the DiT or PixArt transformer (both shipped models have 8)"),
+    width: int = typer.Option(
+        None,
+        help="--task t2i: the transformer's width, a multiple of 32 (heads of 32 channels; the shipped one: 128)",
+    ),
     image_size: int = typer.Option(32, help="side of the square images (an image folder is resized to it)"),
     channels: int = typer.Option(
         None, help="1 (grayscale) or 3 (RGB); default: as the images are (3 when any image has colour)"
@@ -62,6 +66,8 @@ def pretrain(
     if task == "t2i":
         _pretrain_t2i(
             out,
+            num_layers,
+            width,
             steps,
             vae_steps,
             batch_size,
@@ -76,6 +82,8 @@ def pretrain(
         )
         return
     # 1. every option is checked before anything is loaded or written
+    if width is not None:
+        raise ValueError("--width sets the text-to-image transformer's width: it belongs to --task t2i")
     cfg = TrainConfig(
         mode="pretrain",
         steps=steps,
@@ -123,6 +131,8 @@ def pretrain(
 
 def _pretrain_t2i(
     out,
+    num_layers,
+    width,
     steps,
     vae_steps,
     batch_size,
@@ -154,6 +164,13 @@ def _pretrain_t2i(
         snr_weighting=snr_weighting,
     )
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
+    check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
+    overrides = {"num_layers": num_layers}
+    if width is not None:
+        check_int("--width", width, 32, 2048, "the shipped transformer is 128 wide")
+        if width % 32:
+            raise ValueError(f"--width {width} must be a multiple of 32: the transformer's heads are 32 wide")
+        overrides |= {"num_attention_heads": width // 32, "cross_attention_dim": width}
     if not resume:
         check_new_run_dir(out, resume)
     folder = pretrain_scene_pipeline(
@@ -169,5 +186,6 @@ def _pretrain_t2i(
         max_minutes=minutes,
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting,
+        transformer_overrides=overrides,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")

@@ -26,9 +26,15 @@ def pretrain_scene_pipeline(
     progress: bool = True,
     snr_gamma: float | None = None,
     snr_weighting: str = "min",
+    transformer_overrides: dict | None = None,
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
-    `out/pipeline`. Returns that folder."""
+    `out/pipeline`. Returns that folder.
+
+    `transformer_overrides` change the transformer's config (`models.scene_pipeline.TRANSFORMER_CONFIG`), e.g.
+    {"num_layers": 12, "num_attention_heads": 6, "cross_attention_dim": 192} for a deeper and wider one; a resumed
+    run must pass the ones it started with (the loop refuses another architecture).
+    """
     from diffusers import AutoencoderKL
 
     from diffcr.data.scenes import DigitScenes
@@ -71,7 +77,7 @@ def pretrain_scene_pipeline(
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
     result = train(
         run_dir,
-        build_scene_transformer(),
+        build_scene_transformer(**(transformer_overrides or {})),
         conditioning,
         cfg,
         scheduler=build_scheduler("ddpm"),

@@ -119,10 +119,19 @@ def test_compress_refuses_bad_numbers_before_any_work(args, words, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_compress_refuses_diffcr_flags_that_config_would_override(tmp_path):
+    config = tmp_path / "diffcr.json"
+    config.write_text('{"target_kept_ratio": 0.6}')
+    result = invoke("compress", "--out", tmp_path / "out", "--config", config, "--target", "0.4",
+                    "--no-route-cross-attention")  # fmt: skip
+    refused(result, "--route-cross-attention, --target would be ignored", "route_cross_attention, target_kept_ratio")
+    assert not (tmp_path / "out").exists()
+
+
 def test_compress_refuses_cross_attention_bypass_on_a_class_conditional_dit(tmp_path):
     result = invoke("compress", "--out", tmp_path / "out", "--steps", "1", "--batch-size", "2",
                     "--no-route-cross-attention")  # fmt: skip
-    refused(result, "route_cross_attention=False")
+    refused(result, "route_cross_attention=False", "leave out --no-route-cross-attention")
     assert "use route_cross_attention=True" in result.output
     assert not (tmp_path / "out").exists()
 

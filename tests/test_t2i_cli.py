@@ -160,16 +160,19 @@ def test_distill_and_micro_conditions(prepared, tmp_path):
 def test_no_route_cross_attention_flag_reaches_the_artifact(prepared, tmp_path):
     import json
 
+    def routes_cross_attention(run):
+        return json.loads((run / "artifact" / "diffcr_config.json").read_text())["config"]["route_cross_attention"]
+
     root, pipe, cache = prepared
     run = tmp_path / "xattn"
     result = invoke(*compress_args(pipe, cache, run, 1, "--mode", "routers", "--no-route-cross-attention"))
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "artifact" / "diffcr_config.json").read_text())["config"]["route_cross_attention"] is False
+    assert routes_cross_attention(run) is False
     # and the default is the paper's routing
     default_run = tmp_path / "paper"
     result = invoke(*compress_args(pipe, cache, default_run, 1, "--mode", "routers"))
     assert result.exit_code == 0, result.output
-    assert json.loads((default_run / "artifact" / "diffcr_config.json").read_text())["config"]["route_cross_attention"] is True
+    assert routes_cross_attention(default_run) is True
 
 
 def test_paths_spelled_differently_are_the_same_run_and_cache(prepared, tmp_path, monkeypatch):

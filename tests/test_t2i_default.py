@@ -118,9 +118,18 @@ def test_pretrain_cli_builds_the_transformer_it_is_told_and_resume_keeps_it(tmp_
     config = json.loads((tmp_path / "run" / "pipeline" / "transformer" / "config.json").read_text())
     assert (config["num_layers"], config["num_attention_heads"], config["cross_attention_dim"]) == (2, 2, 64)
     assert config["attention_head_dim"] == 32
-    # resuming with another architecture is refused, and says what differs
+    # resuming with another architecture is refused, and says what differs and what to pass
     resumed = runner.invoke(app, [*args[:-2], "--width", "96", "--resume"])
-    assert resumed.exit_code != 0 and "config differs" in resumed.output, resumed.output
+    assert resumed.exit_code != 0, resumed.output
+    for words in ("base model's config differs", "num_attention_heads 2 -> 3", "--width"):
+        assert words in " ".join(resumed.output.split()), (words, resumed.output)
+    # with the same one it resumes: one more step on top of the first
+    longer = list(args)
+    longer[longer.index("--steps") + 1] = "2"
+    resumed = runner.invoke(app, [*longer, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    state = json.loads((tmp_path / "run" / "transformer_run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert state["step"] == 2
     for bad, words in ((["--width", "48"], "multiple of 32"), (["--num-layers", "0"], "--num-layers 0")):
         refused = runner.invoke(app, [*args[:-4], *bad, "--out", str(tmp_path / "bad")])
         assert refused.exit_code == 2 and words in refused.output, refused.output

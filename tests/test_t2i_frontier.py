@@ -373,3 +373,6 @@ def test_cache_families_are_left_out_with_the_reason_when_the_cache_cannot_attac
     # a recipe without cache families is not checked at all
     no_cache = replace(recipe, families=(DENSE, FEWER_STEPS))
     assert drop_families_that_cannot_run(no_cache, object()) == (no_cache, [])
+    # asked for the cache alone: the reason, not an empty recipe
+    with pytest.raises(ValueError, match="first-block cache alone, and no cache for this layout"):
+        drop_families_that_cannot_run(replace(recipe, families=(DENSE, FBCACHE)), object())

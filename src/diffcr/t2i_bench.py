@@ -463,7 +463,9 @@ def prepare_lineup(
         )
         variants = {DIFFCR_LT: (config, None), DIFFCR_L: (config.replace(timestep_regions=1), None)}
         if recipe.train_uniform:
-            variants[UNIFORM] = (uniform_config(kept, route_cross_attention=recipe.route_cross_attention), 0.0)  # ratio_lr 0: only the routers learn
+            # ratio_lr 0: only the routers learn
+            uniform = uniform_config(kept, route_cross_attention=recipe.route_cross_attention)
+            variants[UNIFORM] = (uniform, 0.0)
         trained = {}
         for method, (method_config, ratio_lr) in variants.items():
             tag = f"{method.split()[0]}-{target:g}x"

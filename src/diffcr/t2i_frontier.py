@@ -367,8 +367,10 @@ def drop_families_that_cannot_run(recipe: T2IFrontierRecipe, dense_model) -> tup
     problem = check_fbcache(dense_model)
     if problem is None:
         return recipe, []
-    logger.warning("leaving out %s: %s", ", ".join(cached), problem)
     kept = tuple(family for family in recipe.families if family not in cached)
+    if not [family for family in kept if family != DENSE]:
+        raise ValueError(f"the frontier was asked for {', '.join(cached)} alone, and {problem}")
+    logger.warning("leaving out %s: %s", ", ".join(cached), problem)
     return replace(recipe, families=kept), [{"family": family, "reason": problem} for family in cached]
 
 

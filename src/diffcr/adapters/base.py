@@ -161,7 +161,8 @@ def check_cross_attention_bypass(blocks) -> None:
         raise ValueError(
             f"route_cross_attention=False gives bypassed tokens the block's cross-attention, which blocks {bad[:6]} "
             "do not have in the form it needs (PixArt's adaLN-single blocks with cross-attention); use "
-            "route_cross_attention=True (the paper: bypassed tokens skip the whole block)"
+            "route_cross_attention=True (the paper: bypassed tokens skip the whole block; on the command line, leave "
+            "out --no-route-cross-attention)"
         )
 
 

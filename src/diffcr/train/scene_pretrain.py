@@ -27,6 +27,8 @@ def pretrain_scene_pipeline(
     snr_gamma: float | None = None,
     snr_weighting: str = "min",
     transformer_overrides: dict | None = None,
+    text_encoder_layers: int | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder.
@@ -34,13 +36,22 @@ def pretrain_scene_pipeline(
     `transformer_overrides` change the transformer's config (`models.scene_pipeline.TRANSFORMER_CONFIG`), e.g.
     {"num_layers": 12, "num_attention_heads": 6, "cross_attention_dim": 192} for a deeper and wider one; a resumed
     run must pass the ones it started with (the loop refuses another architecture).
+
+    `text_encoder_layers`: how many of MiniLM's layers give the caption states (default
+    `models.scene_pipeline.TEXT_ENCODER_LAYERS`). `init_from`: a pipeline folder in the default's layout whose VAE
+    is kept and whose transformer training starts from (no VAE is trained, and the architecture is that
+    transformer's, so `transformer_overrides` must be empty); how the shipped transformer moved from MiniLM's last
+    layer to its third. A resumed run goes on with the ones it started with and refuses others.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
 
     from diffcr.data.scenes import DigitScenes
     from diffcr.models.scene_pipeline import (
+        TEXT_ENCODER_LAYERS,
         build_scene_scheduler,
         build_scene_transformer,
+        check_text_encoder_layers,
+        is_scene_pipeline_folder,
         load_text_encoder,
         write_model_index,
     )
@@ -51,13 +62,46 @@ def pretrain_scene_pipeline(
     from diffcr.train.vae import train_scene_vae
 
     out = Path(out)
-    vae_dir = out / "vae_run" / "vae"
-    if not (vae_dir / "config.json").is_file():
-        train_scene_vae(
-            out / "vae_run", steps=vae_steps, batch_size=batch_size, seed=seed, resume=resume, progress=progress
-        )
+    run_dir = out / "transformer_run"
+    saved = _saved_run_info(run_dir) if resume else None
+    if saved is not None:
+        # a resumed run goes on with what it started with (runs from before the choice existed used all of MiniLM)
+        started_layers = saved.get("text_encoder_layers", 6)
+        if text_encoder_layers is not None and text_encoder_layers != started_layers:
+            raise ValueError(
+                f"cannot resume {run_dir}: it was trained on {started_layers} text encoder layers, not "
+                f"{text_encoder_layers}; leave the option out to go on with {started_layers}, or start a new run"
+            )
+        text_encoder_layers = started_layers
+        init_from = saved.get("init_from") if init_from is None else init_from
+    text_encoder_layers = check_text_encoder_layers(
+        TEXT_ENCODER_LAYERS if text_encoder_layers is None else text_encoder_layers
+    )
+    if init_from is not None:
+        init_from = Path(init_from)
+        if not is_scene_pipeline_folder(init_from) or not (init_from / "transformer" / "config.json").is_file():
+            raise ValueError(
+                f"init_from {str(init_from)!r} is not a pipeline folder in the default's layout (model_index.json "
+                "naming MiniLM, transformer/ and vae/ subfolders), as `diffcr pretrain --task t2i` writes to "
+                "OUT/pipeline"
+            )
+        transformer = PixArtTransformer2DModel.from_pretrained(init_from / "transformer")
+        changed = {k: v for k, v in (transformer_overrides or {}).items() if transformer.config.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"the transformer starts from {init_from}, so its architecture is that one's; drop the overrides "
+                f"{changed}"
+            )
+        vae_dir = init_from / "vae"
+    else:
+        vae_dir = out / "vae_run" / "vae"
+        if not (vae_dir / "config.json").is_file():
+            train_scene_vae(
+                out / "vae_run", steps=vae_steps, batch_size=batch_size, seed=seed, resume=resume, progress=progress
+            )
+        transformer = build_scene_transformer(**(transformer_overrides or {}))
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    tokenizer, text_encoder = load_text_encoder()
+    tokenizer, text_encoder = load_text_encoder(text_encoder_layers)
     conditioning = SceneConditioning(DigitScenes("train", seed=seed), vae, tokenizer, text_encoder)
     torch.manual_seed(seed)
     cfg = TrainConfig(
@@ -73,22 +117,37 @@ def pretrain_scene_pipeline(
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting,
     )
-    run_dir = out / "transformer_run"
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
+    run_info = {"task": "t2i", "text_encoder_layers": text_encoder_layers}
+    run_info |= {"init_from": str(init_from)} if init_from is not None else {"vae_steps": vae_steps}
     result = train(
         run_dir,
-        build_scene_transformer(**(transformer_overrides or {})),
+        transformer,
         conditioning,
         cfg,
         scheduler=build_scheduler("ddpm"),
         resume=resume_transformer,
         progress=progress,
-        run_info={"task": "t2i", "vae_steps": vae_steps},
+        run_info=run_info,
     )
     pipeline_dir = out / "pipeline"
     result.model.eval().save_pretrained(pipeline_dir / "transformer")
     vae.save_pretrained(pipeline_dir / "vae")
     build_scene_scheduler().save_pretrained(pipeline_dir / "scheduler")
-    write_model_index(pipeline_dir)
+    write_model_index(pipeline_dir, text_encoder_layers)
     logger.info("pretrained pipeline written to %s after %d steps", pipeline_dir, result.steps_done)
     return pipeline_dir
+
+
+def _saved_run_info(run_dir: Path) -> dict | None:
+    """The `run.json` of a transformer run to resume, or None when there is none yet."""
+    import json
+
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot resume: {path} is not JSON ({err})") from err
+    return saved if isinstance(saved, dict) else None

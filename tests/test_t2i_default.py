@@ -182,11 +182,13 @@ def test_pipeline_folder_says_which_text_encoder_layer_it_was_trained_on(tmp_pat
     assert len(load_scene_pipeline(folder).text_encoder.encoder.layer) == 2
     run = json.loads((tmp_path / "run" / "transformer_run" / "run.json").read_text())
     assert run["text_encoder_layers"] == 2
-    # a resumed run keeps its layers, and refuses others
+    # a resumed run keeps its layers and its start, and refuses others
     with pytest.raises(ValueError, match="trained on 2 text encoder layers, not 4"):
         pretrain_scene_pipeline(
             tmp_path / "run", steps=2, vae_steps=1, batch_size=2, progress=False, resume=True, text_encoder_layers=4
         )
+    with pytest.raises(ValueError, match="started from scratch, with its own VAE"):
+        pretrain_scene_pipeline(tmp_path / "run", steps=2, progress=False, resume=True, init_from=folder)
     # a folder from before the choice used the whole MiniLM
     (folder / TEXT_ENCODER_FILE).unlink()
     assert text_encoder_layers(folder) == 6

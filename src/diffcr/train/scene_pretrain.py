@@ -40,8 +40,8 @@ def pretrain_scene_pipeline(
     `text_encoder_layers`: how many of MiniLM's layers give the caption states (default
     `models.scene_pipeline.TEXT_ENCODER_LAYERS`). `init_from`: a pipeline folder in the default's layout whose VAE
     is kept and whose transformer training starts from (no VAE is trained, and the architecture is that
-    transformer's, so `transformer_overrides` must be empty); how the shipped transformer moved from MiniLM's last
-    layer to its third. A resumed run goes on with the ones it started with and refuses others.
+    transformer's, so `transformer_overrides` may not change it); how the shipped transformer moved from MiniLM's
+    last layer to its third. A resumed run goes on with the ones it started with and refuses others.
     """
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
 
@@ -73,6 +73,11 @@ def pretrain_scene_pipeline(
                 f"{text_encoder_layers}; leave the option out to go on with {started_layers}, or start a new run"
             )
         text_encoder_layers = started_layers
+        if init_from is not None and saved.get("init_from") is None:
+            raise ValueError(
+                f"cannot resume {run_dir} from {init_from}: it started from scratch, with its own VAE; leave out "
+                "init_from to go on with it, or start a new run"
+            )
         init_from = saved.get("init_from") if init_from is None else init_from
     text_encoder_layers = check_text_encoder_layers(
         TEXT_ENCODER_LAYERS if text_encoder_layers is None else text_encoder_layers

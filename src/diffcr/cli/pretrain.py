@@ -63,15 +63,7 @@ def pretrain(
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
     the text-to-image default's VAE and transformer (written to OUT/pipeline)."""
-    import contextlib
-
-    import torch
-
-    from diffcr.checkpoint import check_writable_dir, run_lock
-    from diffcr.cli.common import check_int, check_new_run_dir
-    from diffcr.data import load_dataset
-    from diffcr.models import BASE_MODEL_CONFIG, build_base_model
-    from diffcr.train import TrainConfig, check_mixed_precision, export_model, is_main_process, train
+    from diffcr.cli.common import check_int
 
     if task not in ("class", "t2i"):
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
@@ -101,7 +93,54 @@ def pretrain(
     for name, value in (("--width", width), ("--text-encoder-layers", text_encoder_layers), ("--init-from", init_from)):
         if value is not None:
             raise ValueError(f"{name} belongs to --task t2i (the text-to-image transformer); leave it out here")
-    num_layers = 8 if num_layers is None else num_layers
+    _pretrain_class(
+        out,
+        data,
+        8 if num_layers is None else num_layers,
+        image_size,
+        channels,
+        steps,
+        batch_size,
+        lr,
+        warmup_steps,
+        minutes,
+        checkpoint_every,
+        seed,
+        resume,
+        mixed_precision,
+        snr_gamma,
+        snr_weighting,
+    )
+
+
+def _pretrain_class(
+    out,
+    data,
+    num_layers,
+    image_size,
+    channels,
+    steps,
+    batch_size,
+    lr,
+    warmup_steps,
+    minutes,
+    checkpoint_every,
+    seed,
+    resume,
+    mixed_precision,
+    snr_gamma,
+    snr_weighting,
+):
+    import contextlib
+
+    import torch
+
+    from diffcr.checkpoint import check_writable_dir, run_lock
+    from diffcr.cli.common import check_int, check_new_run_dir
+    from diffcr.data import load_dataset
+    from diffcr.models import BASE_MODEL_CONFIG, build_base_model
+    from diffcr.train import TrainConfig, check_mixed_precision, export_model, is_main_process, train
+
     cfg = TrainConfig(
         mode="pretrain",
         steps=steps,

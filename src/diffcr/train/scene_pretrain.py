@@ -43,15 +43,12 @@ def pretrain_scene_pipeline(
     transformer's, so `transformer_overrides` may not change it); how the shipped transformer moved from MiniLM's
     last layer to its third. A resumed run goes on with the ones it started with and refuses others.
     """
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from diffusers import AutoencoderKL
 
     from diffcr.data.scenes import DigitScenes
     from diffcr.models.scene_pipeline import (
-        TEXT_ENCODER_LAYERS,
         build_scene_scheduler,
         build_scene_transformer,
-        check_text_encoder_layers,
-        is_scene_pipeline_folder,
         load_text_encoder,
         write_model_index,
     )
@@ -63,41 +60,9 @@ def pretrain_scene_pipeline(
 
     out = Path(out)
     run_dir = out / "transformer_run"
-    saved = _saved_run_info(run_dir) if resume else None
-    if saved is not None:
-        # a resumed run goes on with what it started with (runs from before the choice existed used all of MiniLM)
-        started_layers = saved.get("text_encoder_layers", 6)
-        if text_encoder_layers is not None and text_encoder_layers != started_layers:
-            raise ValueError(
-                f"cannot resume {run_dir}: it was trained on {started_layers} text encoder layers, not "
-                f"{text_encoder_layers}; leave the option out to go on with {started_layers}, or start a new run"
-            )
-        text_encoder_layers = started_layers
-        if init_from is not None and saved.get("init_from") is None:
-            raise ValueError(
-                f"cannot resume {run_dir} from {init_from}: it started from scratch, with its own VAE; leave out "
-                "init_from to go on with it, or start a new run"
-            )
-        init_from = saved.get("init_from") if init_from is None else init_from
-    text_encoder_layers = check_text_encoder_layers(
-        TEXT_ENCODER_LAYERS if text_encoder_layers is None else text_encoder_layers
-    )
+    text_encoder_layers, init_from = _resumed_choices(run_dir, resume, text_encoder_layers, init_from)
     if init_from is not None:
-        init_from = Path(init_from)
-        if not is_scene_pipeline_folder(init_from) or not (init_from / "transformer" / "config.json").is_file():
-            raise ValueError(
-                f"init_from {str(init_from)!r} is not a pipeline folder in the default's layout (model_index.json "
-                "naming MiniLM, transformer/ and vae/ subfolders), as `diffcr pretrain --task t2i` writes to "
-                "OUT/pipeline"
-            )
-        transformer = PixArtTransformer2DModel.from_pretrained(init_from / "transformer")
-        changed = {k: v for k, v in (transformer_overrides or {}).items() if transformer.config.get(k) != v}
-        if changed:
-            raise ValueError(
-                f"the transformer starts from {init_from}, so its architecture is that one's; drop the overrides "
-                f"{changed}"
-            )
-        vae_dir = init_from / "vae"
+        vae_dir, transformer = _start_from_pipeline(Path(init_from), transformer_overrides)
     else:
         vae_dir = out / "vae_run" / "vae"
         if not (vae_dir / "config.json").is_file():
@@ -156,3 +121,49 @@ def _saved_run_info(run_dir: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot resume: {path} is not JSON ({err})") from err
     return saved if isinstance(saved, dict) else None
+
+
+def _resumed_choices(run_dir: Path, resume: bool, text_encoder_layers, init_from) -> tuple[int, Path | None]:
+    """(text encoder layers, init_from) for the run: what a resumed run started with (refusing others), else what
+    was asked, with `TEXT_ENCODER_LAYERS` by default."""
+    from diffcr.models.scene_pipeline import TEXT_ENCODER_LAYERS, check_text_encoder_layers
+
+    saved = _saved_run_info(run_dir) if resume else None
+    if saved is not None:
+        # a resumed run goes on with what it started with (runs from before the choice existed used all of MiniLM)
+        started_layers = saved.get("text_encoder_layers", 6)
+        if text_encoder_layers is not None and text_encoder_layers != started_layers:
+            raise ValueError(
+                f"cannot resume {run_dir}: it was trained on {started_layers} text encoder layers, not "
+                f"{text_encoder_layers}; leave the option out to go on with {started_layers}, or start a new run"
+            )
+        text_encoder_layers = started_layers
+        if init_from is not None and saved.get("init_from") is None:
+            raise ValueError(
+                f"cannot resume {run_dir} from {init_from}: it started from scratch, with its own VAE; leave out "
+                "init_from to go on with it, or start a new run"
+            )
+        init_from = saved.get("init_from") if init_from is None else init_from
+    layers = check_text_encoder_layers(TEXT_ENCODER_LAYERS if text_encoder_layers is None else text_encoder_layers)
+    return layers, None if init_from is None else Path(init_from)
+
+
+def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None):
+    """(VAE folder, transformer) of the pipeline folder `init_from`; overrides that would change its architecture
+    are refused."""
+    from diffusers import PixArtTransformer2DModel
+
+    from diffcr.models.scene_pipeline import is_scene_pipeline_folder
+
+    if not is_scene_pipeline_folder(init_from) or not (init_from / "transformer" / "config.json").is_file():
+        raise ValueError(
+            f"init_from {str(init_from)!r} is not a pipeline folder in the default's layout (model_index.json "
+            "naming MiniLM, transformer/ and vae/ subfolders), as `diffcr pretrain --task t2i` writes to OUT/pipeline"
+        )
+    transformer = PixArtTransformer2DModel.from_pretrained(init_from / "transformer")
+    changed = {k: v for k, v in (transformer_overrides or {}).items() if transformer.config.get(k) != v}
+    if changed:
+        raise ValueError(
+            f"the transformer starts from {init_from}, so its architecture is that one's; drop the overrides {changed}"
+        )
+    return init_from / "vae", transformer

@@ -126,12 +126,12 @@ def _saved_run_info(run_dir: Path) -> dict | None:
 def _resumed_choices(run_dir: Path, resume: bool, text_encoder_layers, init_from) -> tuple[int, Path | None]:
     """(text encoder layers, init_from) for the run: what a resumed run started with (refusing others), else what
     was asked, with `TEXT_ENCODER_LAYERS` by default."""
-    from diffcr.models.scene_pipeline import TEXT_ENCODER_LAYERS, check_text_encoder_layers
+    from diffcr.models.scene_pipeline import MINILM_LAYERS, TEXT_ENCODER_LAYERS, check_text_encoder_layers
 
     saved = _saved_run_info(run_dir) if resume else None
     if saved is not None:
         # a resumed run goes on with what it started with (runs from before the choice existed used all of MiniLM)
-        started_layers = saved.get("text_encoder_layers", 6)
+        started_layers = saved.get("text_encoder_layers", MINILM_LAYERS)
         if text_encoder_layers is not None and text_encoder_layers != started_layers:
             raise ValueError(
                 f"cannot resume {run_dir}: it was trained on {started_layers} text encoder layers, not "

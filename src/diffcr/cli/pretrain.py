@@ -60,6 +60,18 @@ def pretrain(
         help="--task t2i: a pipeline folder (OUT/pipeline of an earlier run) whose VAE is kept and whose transformer "
         "training starts from; how the shipped transformer moved to MiniLM's third layer",
     ),
+    token_bypass: float = typer.Option(
+        None,
+        help="--task t2i: the chance that a block routes a random subset of tokens past itself, per block, timestep "
+        "region and step (random token bypass; 0 = dense): a base that learns to do without some blocks for some "
+        "tokens loses less under DiffCR. The shipped transformer's last stage used 0.7",
+    ),
+    focus_digits: str = typer.Option(
+        None, help="--task t2i: digits, e.g. '8,9', whose two-digit scenes --focus-fraction over-samples"
+    ),
+    focus_fraction: float = typer.Option(
+        None, help="--task t2i: the fraction of every batch that are two-digit scenes holding a --focus-digits digit"
+    ),
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
     the text-to-image default's VAE and transformer (written to OUT/pipeline)."""
@@ -87,10 +99,19 @@ def pretrain(
             snr_weighting,
             text_encoder_layers,
             init_from,
+            (token_bypass or 0.0, _parse_digits(focus_digits), focus_fraction or 0.0),
         )
         return
     # 1. every option is checked before anything is loaded or written
-    for name, value in (("--width", width), ("--text-encoder-layers", text_encoder_layers), ("--init-from", init_from)):
+    t2i_only = {
+        "--width": width,
+        "--text-encoder-layers": text_encoder_layers,
+        "--init-from": init_from,
+        "--token-bypass": token_bypass,
+        "--focus-digits": focus_digits,
+        "--focus-fraction": focus_fraction,
+    }
+    for name, value in t2i_only.items():
         if value is not None:
             raise ValueError(f"{name} belongs to --task t2i (the text-to-image transformer); leave it out here")
     _pretrain_class(
@@ -202,6 +223,7 @@ def _pretrain_t2i(
     snr_weighting,
     text_encoder_layers,
     init_from,
+    bypass_and_focus,
 ):
     from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING, check_text_encoder_layers
@@ -211,6 +233,7 @@ def _pretrain_t2i(
     # the plain MSE never taught the transformer which digit a caption names (docs/RESULTS.md)
     snr_gamma = PRETRAIN_SNR_GAMMA if snr_gamma is None else snr_gamma
     snr_weighting = snr_weighting or PRETRAIN_SNR_WEIGHTING
+    token_bypass, focus_digits, focus_fraction = bypass_and_focus
     TrainConfig(
         mode="pretrain",
         steps=steps,
@@ -220,7 +243,12 @@ def _pretrain_t2i(
         seed=seed,
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting,
+        token_bypass=token_bypass,
     )
+    if not 0.0 <= focus_fraction <= 1.0:
+        raise ValueError(f"--focus-fraction {focus_fraction} must be in [0, 1]")
+    if focus_fraction and not focus_digits:
+        raise ValueError("--focus-fraction needs --focus-digits (which digits' two-digit scenes to over-sample)")
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
     if text_encoder_layers is not None:
         check_text_encoder_layers(text_encoder_layers)
@@ -252,5 +280,18 @@ def _pretrain_t2i(
         transformer_overrides=overrides,
         text_encoder_layers=text_encoder_layers,
         init_from=init_from,
+        token_bypass=token_bypass,
+        focus_digits=focus_digits,
+        focus_fraction=focus_fraction,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")
+
+
+def _parse_digits(text: str | None) -> tuple[int, ...]:
+    """'8,9' -> (8, 9); None -> ()."""
+    if text is None:
+        return ()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and len(part) == 1 for part in parts):
+        raise ValueError(f"--focus-digits {text!r} must be digits 0-9 separated by commas, e.g. '8,9'")
+    return tuple(sorted({int(part) for part in parts}))

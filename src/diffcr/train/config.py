@@ -83,6 +83,9 @@ class TrainConfig:
     # "min": min-SNR-gamma; "inverse": clamp(1 / SNR, 1, gamma), which turns the epsilon loss of noisy steps into
     # an x0 loss (capped), where a text-to-image model must learn what the prompt says
     snr_weighting: str = "min"
+    # pretraining only: the chance that a block routes a random subset of the image tokens past itself, drawn per
+    # (block, timestep region) and step, at a kept ratio drawn from 0.9 ... 0.1 (`diffcr.train.bypass`); 0 = dense
+    token_bypass: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -104,6 +107,15 @@ class TrainConfig:
             raise ValueError(f"snr_weighting={self.snr_weighting!r} must be one of {SNR_WEIGHTINGS}")
         if not 0.0 <= self.label_drop_prob < 1.0:  # also refuses NaN
             raise ValueError(f"label_drop_prob={self.label_drop_prob} must be in [0, 1)")
+        if isinstance(self.token_bypass, bool) or not isinstance(self.token_bypass, (int, float)):
+            raise ValueError(f"token_bypass={self.token_bypass!r} must be a probability in [0, 1]")
+        if not 0.0 <= self.token_bypass <= 1.0:  # also refuses NaN
+            raise ValueError(f"token_bypass={self.token_bypass} must be a probability in [0, 1]")
+        if self.token_bypass and self.mode != "pretrain":
+            raise ValueError(
+                f"token_bypass is for pretraining (mode 'pretrain'), not mode {self.mode!r}: DiffCR modes route by "
+                "their learned routers"
+            )
         if self.distill and self.mode == "pretrain":
             raise ValueError("distill needs a DiffCR mode (routers, lora or full): pretraining has no teacher")
 

@@ -337,7 +337,7 @@ def train(
     # every check that can fail runs before the first file is written or the first step is taken
     check_writable_dir(run_dir, "run folder")
     routed = cfg.mode != "pretrain"
-    if routed:  # regions cut the range of the timestep the model receives (Flux: sigma in [0, 1])
+    if routed or cfg.token_bypass:  # regions cut the range of the timestep the model receives (Flux: sigma in [0, 1])
         timestep_range = model_timestep_range(base_model, scheduler)
         check_diffcr_config(diffcr_config, timestep_range.num_train_timesteps, timestep_range.continuous)
     conditioning = as_conditioning(train_data, base_model)
@@ -383,9 +383,14 @@ def _train(
     if cfg.distill:
         teacher = copy.deepcopy(base_model).eval().requires_grad_(False).to(accelerator.device)
     routed = cfg.mode != "pretrain"
-    if routed:
+    if routed or cfg.token_bypass:
         diffcr_config = _with_timestep_range(diffcr_config, base_model, scheduler)
     model = prepare_model(base_model, cfg, diffcr_config)
+    bypass = None
+    if cfg.token_bypass:  # pretraining with random token bypass: routing that never trains (`diffcr.train.bypass`)
+        from diffcr.train.bypass import TokenBypass
+
+        bypass = TokenBypass.attach(model, diffcr_config, cfg.token_bypass, cfg.seed)
     if routed:
         import diffcr
 
@@ -400,7 +405,7 @@ def _train(
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        description = {"diffcr": diffcr_config.to_dict() if routed else None, **(run_info or {})}
+        description = {"diffcr": diffcr_config.to_dict() if routed or bypass else None, **(run_info or {})}
         write_json_atomic(run_dir / "run.json", _run_description(cfg, base_model, scheduler, conditioning, description))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
@@ -429,6 +434,8 @@ def _train(
             noise = _shard(drawn["noise"], rank, world).to(device)
             timesteps = _shard(drawn["timesteps"], rank, world).to(device)  # (b,)
             noisy, true_target = noised(scheduler, clean, noise, timesteps, num_train_timesteps)
+            if bypass is not None:
+                bypass.draw(step)
 
             # 2. the loss: diffusion (or distillation) + lambda * ratio loss
             diffusion_loss = _diffusion_loss(
@@ -480,4 +487,6 @@ def _train(
         if metrics_file is not None:
             metrics_file.close()
     accelerator.wait_for_everyone()
+    if bypass is not None:
+        bypass.detach()
     return TrainResult(run_dir, accelerator.unwrap_model(model), step, time.perf_counter() - started)

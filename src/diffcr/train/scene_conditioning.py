@@ -18,9 +18,21 @@ class SceneConditioning:
         scenes: a `DigitScenes` (the "train" split).
         vae: the frozen scene `AutoencoderKL`; latents are its posterior means times `scaling_factor`.
         tokenizer, text_encoder: the frozen text encoder the pipeline uses (all-MiniLM-L6-v2 by default).
+        focus_digits, focus_fraction: over-sample two-digit scenes that hold one of `focus_digits`: the first
+            `focus_fraction` of every batch are such scenes (each index moves to the next index whose scene is
+            one, so the batch stays a function of its indices). Empty / 0: every scene as drawn.
     """
 
-    def __init__(self, scenes, vae, tokenizer, text_encoder):
+    def __init__(self, scenes, vae, tokenizer, text_encoder, focus_digits=(), focus_fraction: float = 0.0):
+        if not 0.0 <= focus_fraction <= 1.0:
+            raise ValueError(f"focus_fraction={focus_fraction} must be in [0, 1]")
+        if focus_fraction and not focus_digits:
+            raise ValueError("focus_fraction > 0 needs focus_digits (the digits whose scenes to over-sample)")
+        bad = [d for d in focus_digits if d not in range(10)]
+        if bad:
+            raise ValueError(f"focus_digits {bad} are not digits 0-9")
+        self.focus_digits = frozenset(focus_digits)
+        self.focus_fraction = focus_fraction
         self.scenes = scenes
         self.vae = vae.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -73,8 +85,19 @@ class SceneConditioning:
         """Scaled latent means (b, 4, 16, 16) of images (b, 1, 64, 64) in [-1, 1]."""
         return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
 
+    def focused(self, index: int) -> int:
+        """The first index from `index` on whose scene holds two digits, one of them in `focus_digits`."""
+        while True:
+            left, right = self.scenes.spec(index).digits
+            if left is not None and right is not None and {left, right} & self.focus_digits:
+                return index
+            index += 1
+
     def batch(self, idx: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
         """(latents (b, 4, 16, 16), model kwargs) for scenes `idx`, the empty prompt where `drop`."""
+        num_focused = round(self.focus_fraction * len(idx))
+        if num_focused:
+            idx = torch.tensor([self.focused(int(i)) for i in idx[:num_focused]] + idx[num_focused:].tolist())
         images, captions, _, _ = self.scenes.batch(idx)  # (b, 1, 64, 64)
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
         embeds, mask = self.encode_text(captions)  # (b, L, D), (b, L)

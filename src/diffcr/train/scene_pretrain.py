@@ -12,6 +12,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def _bypass_config():
+    from diffcr.config import DiffCRConfig
+
+    # the routing the text-to-image demo's DiffCR runs: 4 timestep regions, cross-attention on bypassed tokens
+    return DiffCRConfig(timestep_regions=4, route_cross_attention=False)
+
+
 def pretrain_scene_pipeline(
     out: str | Path,
     steps: int = 3000,
@@ -29,6 +36,9 @@ def pretrain_scene_pipeline(
     transformer_overrides: dict | None = None,
     text_encoder_layers: int | None = None,
     init_from: str | Path | None = None,
+    token_bypass: float = 0.0,
+    focus_digits: tuple[int, ...] = (),
+    focus_fraction: float = 0.0,
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder.
@@ -42,6 +52,11 @@ def pretrain_scene_pipeline(
     is kept and whose transformer training starts from (no VAE is trained, and the architecture is that
     transformer's, so `transformer_overrides` may not change it); how the shipped transformer moved from MiniLM's
     last layer to its third. A resumed run goes on with the ones it started with and refuses others.
+
+    `token_bypass`: in each step each (block, timestep region) routes a random subset of tokens past the block with
+    this chance (`diffcr.train.bypass`), the way the demo's DiffCR routes them (bypassed tokens keep the block's
+    cross-attention). `focus_digits` / `focus_fraction`: that fraction of every batch are two-digit
+    scenes holding one of those digits (`SceneConditioning`).
     """
     from diffusers import AutoencoderKL
 
@@ -72,7 +87,9 @@ def pretrain_scene_pipeline(
         transformer = build_scene_transformer(**(transformer_overrides or {}))
     vae = AutoencoderKL.from_pretrained(vae_dir)
     tokenizer, text_encoder = load_text_encoder(text_encoder_layers)
-    conditioning = SceneConditioning(DigitScenes("train", seed=seed), vae, tokenizer, text_encoder)
+    conditioning = SceneConditioning(
+        DigitScenes("train", seed=seed), vae, tokenizer, text_encoder, tuple(focus_digits), focus_fraction
+    )
     torch.manual_seed(seed)
     cfg = TrainConfig(
         mode="pretrain",
@@ -86,15 +103,18 @@ def pretrain_scene_pipeline(
         mixed_precision="no",
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting,
+        token_bypass=token_bypass,
     )
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
     run_info = {"task": "t2i", "text_encoder_layers": text_encoder_layers}
     run_info |= {"init_from": str(init_from)} if init_from is not None else {"vae_steps": vae_steps}
+    run_info |= {"focus_digits": sorted(focus_digits), "focus_fraction": focus_fraction}
     result = train(
         run_dir,
         transformer,
         conditioning,
         cfg,
+        diffcr_config=_bypass_config() if token_bypass else None,
         scheduler=build_scheduler("ddpm"),
         resume=resume_transformer,
         progress=progress,

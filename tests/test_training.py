@@ -233,3 +233,32 @@ def test_bad_train_config():
         TrainConfig(mode="pretrain", distill=True)
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+def test_cosine_lr_schedule_decays_every_group_to_zero(tmp_path):
+    import math
+
+    from diffcr.train.loop import _lr_factor
+
+    cosine = config(steps=10, warmup_steps=2, lr_schedule="cosine")
+    factors = [_lr_factor(step, cosine) for step in range(10)]
+    assert factors[0] == pytest.approx(0.5 * 0.5 * (1 + math.cos(0)))  # warmup 1/2, decay not begun
+    assert factors[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a > b for a, b in zip(factors[1:], factors[2:])) and factors[-1] < 0.03
+    assert [_lr_factor(step, config(steps=10, warmup_steps=2)) for step in (0, 1, 9)] == [0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_schedule='linear' must be one of"):
+        config(lr_schedule="linear")
+    # in a run, every group (routers and kept ratios too) took the last step's factor
+    result = train(
+        tmp_path / "run",
+        tiny_base(),
+        tiny_data(),
+        config(steps=4, lr_schedule="cosine", ratio_lr=0.5),
+        diffcr_config=diffcr.DiffCRConfig(target_kept_ratio=0.3, timestep_regions=1),
+        progress=False,
+    )
+    assert result.steps_done == 4
+    _, _, described, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor of the last update (step 3 of 4)
+    for group in described["param_groups"]:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * last), group["name"]

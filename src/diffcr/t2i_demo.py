@@ -48,6 +48,7 @@ class T2IDemoRecipe:
     # kept ratio (two training seeds; docs/RESULTS.md)
     route_cross_attention: bool = False
     distill: bool = False
+    lr_schedule: str = "constant"
     sampler_steps: int = 20
     guidance_scale: float = 4.5
     sample_batch_size: int = 10
@@ -73,6 +74,7 @@ class T2IDemoRecipe:
             router_lr=self.router_lr,
             ratio_lr=self.ratio_lr,
             distill=self.distill,
+            lr_schedule=self.lr_schedule,
             checkpoint_every=self.steps,
             seed=seed,
             snr_gamma=PRETRAIN_SNR_GAMMA,

@@ -54,6 +54,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 SNR_WEIGHTINGS = ("min", "inverse")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """How to train. `mode`: "pretrain" (dense, no DiffCR), "routers" (routers and ratios only), "lora"
@@ -86,6 +89,8 @@ class TrainConfig:
     # pretraining only: the chance that a block routes a random subset of the image tokens past itself, drawn per
     # (block, timestep region) and step, at a kept ratio drawn from 0.9 ... 0.1 (`diffcr.train.bypass`); 0 = dense
     token_bypass: float = 0.0
+    # "constant" after warmup, or "cosine": every learning rate decays to 0 at `steps`
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -103,6 +108,8 @@ class TrainConfig:
             _check_float("max_minutes", self.max_minutes, 0.0, True, "a time limit in minutes (or None for none)")
         if self.snr_gamma is not None:
             _check_float("snr_gamma", self.snr_gamma, 0.0, True, "the min-SNR weighting's gamma (or None for none)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
         if self.snr_weighting not in SNR_WEIGHTINGS:
             raise ValueError(f"snr_weighting={self.snr_weighting!r} must be one of {SNR_WEIGHTINGS}")
         if not 0.0 <= self.label_drop_prob < 1.0:  # also refuses NaN

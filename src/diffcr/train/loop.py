@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -235,10 +236,14 @@ def _metrics_row(step: int, loss, diffusion_loss, ratio_loss, mean_kept, started
     return row
 
 
-def _lr_factor(step: int, warmup_steps: int) -> float:
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rates' factor at `step` (0-based): linear warmup, then constant or a cosine decay to 0 at
+    `cfg.steps` (every group decays, the kept ratios included, so a routed run ends on a settled schedule)."""
+    warmup = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.lr_schedule == "constant":
+        return warmup
+    progress = min(1.0, step / cfg.steps)
+    return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _build_optimizer(model, cfg: TrainConfig):
@@ -452,7 +457,7 @@ def _train(
 
             # 3. the update; a non-finite gradient stops training before it can reach the weights
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg.warmup_steps)
+                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))

@@ -166,3 +166,29 @@ def test_pretrain_cli_checks_bypass_and_focus_options(tmp_path):
         refused = runner.invoke(app, [*base, *bad])
         assert refused.exit_code == 2 and words in " ".join(refused.output.split()), (bad, refused.output)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "class").exists()
+
+
+def test_a_bypassed_run_that_fails_gives_the_model_back_plain(tmp_path, tiny_scene_pipeline):
+    from diffcr.data.scenes import DigitScenes
+    from diffcr.models.scene_pipeline import load_scene_pipeline
+    from diffcr.models.tiny_dit import build_scheduler
+    from diffcr.train import train
+    from diffcr.train.scene_conditioning import SceneConditioning
+
+    pipe = load_scene_pipeline(tiny_scene_pipeline)
+    conditioning = SceneConditioning(DigitScenes("train"), pipe.vae, pipe.tokenizer, pipe.text_encoder)
+    real_batch, calls = conditioning.batch, []
+
+    def batch_that_fails_at_step_2(idx, drop, device):
+        calls.append(idx)
+        if len(calls) == 2:
+            raise RuntimeError("the data went away")
+        return real_batch(idx, drop, device)
+
+    conditioning.batch = batch_that_fails_at_step_2
+    model = pipe.transformer
+    keys = list(model.state_dict())
+    cfg = TrainConfig(mode="pretrain", steps=3, batch_size=2, token_bypass=0.5, num_threads=1)
+    with pytest.raises(RuntimeError, match="the data went away"):
+        train(tmp_path / "run", model, conditioning, cfg, BYPASS, build_scheduler("ddpm"), progress=False)
+    assert not diffcr.is_applied(model) and list(model.state_dict()) == keys

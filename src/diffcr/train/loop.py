@@ -491,7 +491,7 @@ def _train(
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        if bypass is not None:  # the caller's model comes back plain, whether training finished or not
+            bypass.detach()
     accelerator.wait_for_everyone()
-    if bypass is not None:
-        bypass.detach()
     return TrainResult(run_dir, accelerator.unwrap_model(model), step, time.perf_counter() - started)

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import typer
 
 from diffcr.cli import app
 from diffcr.cli.common import friendly_errors
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """The training options both tasks share."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    minutes: float | None
+    checkpoint_every: int
+    seed: int
+    resume: bool
+    snr_gamma: float | None
+    snr_weighting: str | None
 
 
 @app.command()
@@ -81,25 +98,19 @@ def pretrain(
         raise ValueError(f"--task {task!r} must be 'class' or 't2i'")
     if num_layers is not None:
         check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
+    run = _RunOptions(
+        steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume, snr_gamma, snr_weighting
+    )
     if task == "t2i":
         _pretrain_t2i(
             out,
             num_layers,
             width,
-            steps,
             vae_steps,
-            batch_size,
-            lr,
-            warmup_steps,
-            minutes,
-            checkpoint_every,
-            seed,
-            resume,
-            snr_gamma,
-            snr_weighting,
             text_encoder_layers,
             init_from,
             (token_bypass or 0.0, _parse_digits(focus_digits), focus_fraction or 0.0),
+            run,
         )
         return
     # 1. every option is checked before anything is loaded or written
@@ -114,44 +125,10 @@ def pretrain(
     for name, value in t2i_only.items():
         if value is not None:
             raise ValueError(f"{name} belongs to --task t2i (the text-to-image transformer); leave it out here")
-    _pretrain_class(
-        out,
-        data,
-        8 if num_layers is None else num_layers,
-        image_size,
-        channels,
-        steps,
-        batch_size,
-        lr,
-        warmup_steps,
-        minutes,
-        checkpoint_every,
-        seed,
-        resume,
-        mixed_precision,
-        snr_gamma,
-        snr_weighting,
-    )
+    _pretrain_class(out, data, 8 if num_layers is None else num_layers, image_size, channels, mixed_precision, run)
 
 
-def _pretrain_class(
-    out,
-    data,
-    num_layers,
-    image_size,
-    channels,
-    steps,
-    batch_size,
-    lr,
-    warmup_steps,
-    minutes,
-    checkpoint_every,
-    seed,
-    resume,
-    mixed_precision,
-    snr_gamma,
-    snr_weighting,
-):
+def _pretrain_class(out, data, num_layers, image_size, channels, mixed_precision, run: _RunOptions):
     import contextlib
 
     import torch
@@ -164,16 +141,16 @@ def _pretrain_class(
 
     cfg = TrainConfig(
         mode="pretrain",
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        max_minutes=minutes,
+        steps=run.steps,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        warmup_steps=run.warmup_steps,
+        checkpoint_every=run.checkpoint_every,
+        seed=run.seed,
+        max_minutes=run.minutes,
         mixed_precision=mixed_precision,
-        snr_gamma=snr_gamma,
-        snr_weighting=snr_weighting or "min",
+        snr_gamma=run.snr_gamma,
+        snr_weighting=run.snr_weighting or "min",
     )
     patch = BASE_MODEL_CONFIG["patch_size"]
     check_int("--image-size", image_size, 2 * patch, 256, "a pixel-space DiT; every image is a token grid")
@@ -182,12 +159,12 @@ def _pretrain_class(
     if channels is not None and channels not in (1, 3):
         raise ValueError(f"--channels {channels} must be 1 (grayscale) or 3 (RGB), or left out to follow the images")
     check_mixed_precision(cfg.mixed_precision)
-    check_new_run_dir(out, resume)
+    check_new_run_dir(out, run.resume)
     check_writable_dir(out / "model", "--out/model")
 
     # 2. the data decides the model's shape: channels, size and number of classes
     train_set, _ = load_dataset(data, image_size=image_size, channels=channels)
-    torch.manual_seed(seed)
+    torch.manual_seed(run.seed)
     model = build_base_model(
         num_layers=num_layers,
         in_channels=train_set.images.shape[1],
@@ -199,50 +176,35 @@ def _pretrain_class(
     # 3. train and export, holding the run folder against a second run into the same --out
     main = is_main_process()
     with run_lock(out) if main else contextlib.nullcontext():
-        result = train(out, model, train_set, cfg, resume=resume, run_info={"data": data})
+        result = train(out, model, train_set, cfg, resume=run.resume, run_info={"data": data})
         if not main:
             return
         export_model(result.model, out / "model")
     typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")
 
 
-def _pretrain_t2i(
-    out,
-    num_layers,
-    width,
-    steps,
-    vae_steps,
-    batch_size,
-    lr,
-    warmup_steps,
-    minutes,
-    checkpoint_every,
-    seed,
-    resume,
-    snr_gamma,
-    snr_weighting,
-    text_encoder_layers,
-    init_from,
-    bypass_and_focus,
-):
+def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_from, bypass_and_focus, run):
     from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING, check_text_encoder_layers
     from diffcr.train import TrainConfig
     from diffcr.train.scene_pretrain import pretrain_scene_pipeline
 
     # the plain MSE never taught the transformer which digit a caption names (docs/RESULTS.md)
-    snr_gamma = PRETRAIN_SNR_GAMMA if snr_gamma is None else snr_gamma
-    snr_weighting = snr_weighting or PRETRAIN_SNR_WEIGHTING
+    run = replace(
+        run,
+        snr_gamma=PRETRAIN_SNR_GAMMA if run.snr_gamma is None else run.snr_gamma,
+        snr_weighting=run.snr_weighting or PRETRAIN_SNR_WEIGHTING,
+    )
     token_bypass, focus_digits, focus_fraction = bypass_and_focus
     TrainConfig(
         mode="pretrain",
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        seed=seed,
-        snr_gamma=snr_gamma,
-        snr_weighting=snr_weighting,
+        steps=run.steps,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        warmup_steps=run.warmup_steps,
+        seed=run.seed,
+        snr_gamma=run.snr_gamma,
+        snr_weighting=run.snr_weighting,
         token_bypass=token_bypass,
     )
     if not 0.0 <= focus_fraction <= 1.0:
@@ -262,21 +224,21 @@ def _pretrain_t2i(
         if width % 32:
             raise ValueError(f"--width {width} must be a multiple of 32: the transformer's heads are 32 wide")
         overrides |= {"num_attention_heads": width // 32, "cross_attention_dim": width}
-    if not resume:
-        check_new_run_dir(out, resume)
+    if not run.resume:
+        check_new_run_dir(out, run.resume)
     folder = pretrain_scene_pipeline(
         out,
-        steps=steps,
+        steps=run.steps,
         vae_steps=vae_steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        seed=seed,
-        resume=resume,
-        checkpoint_every=checkpoint_every,
-        max_minutes=minutes,
-        snr_gamma=snr_gamma,
-        snr_weighting=snr_weighting,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        warmup_steps=run.warmup_steps,
+        seed=run.seed,
+        resume=run.resume,
+        checkpoint_every=run.checkpoint_every,
+        max_minutes=run.minutes,
+        snr_gamma=run.snr_gamma,
+        snr_weighting=run.snr_weighting,
         transformer_overrides=overrides,
         text_encoder_layers=text_encoder_layers,
         init_from=init_from,

@@ -368,6 +368,25 @@ def _with_timestep_range(diffcr_config, base_model, scheduler):
     return diffcr_config.replace(num_train_timesteps=received)
 
 
+def _attach_routing(base_model, cfg: TrainConfig, diffcr_config, scheduler):
+    """(model, the DiffCR config it runs or None, the `TokenBypass` or None): what trains set up by
+    `prepare_model`, with DiffCR for compression modes or random token bypass for a bypassed pretraining."""
+    routed = cfg.mode != "pretrain"
+    if routed or cfg.token_bypass:
+        diffcr_config = _with_timestep_range(diffcr_config, base_model, scheduler)
+    model = prepare_model(base_model, cfg, diffcr_config)
+    bypass = None
+    if cfg.token_bypass:  # pretraining with random token bypass: routing that never trains (`diffcr.train.bypass`)
+        from diffcr.train.bypass import TokenBypass
+
+        bypass = TokenBypass.attach(model, diffcr_config, cfg.token_bypass, cfg.seed)
+    if routed:
+        import diffcr
+
+        diffcr_config = diffcr.get_config(model)
+    return model, diffcr_config, bypass
+
+
 def _train(
     run_dir: Path, base_model, conditioning, cfg: TrainConfig, diffcr_config, scheduler, resume, progress, run_info
 ):
@@ -388,18 +407,10 @@ def _train(
     if cfg.distill:
         teacher = copy.deepcopy(base_model).eval().requires_grad_(False).to(accelerator.device)
     routed = cfg.mode != "pretrain"
-    if routed or cfg.token_bypass:
-        diffcr_config = _with_timestep_range(diffcr_config, base_model, scheduler)
-    model = prepare_model(base_model, cfg, diffcr_config)
-    bypass = None
-    if cfg.token_bypass:  # pretraining with random token bypass: routing that never trains (`diffcr.train.bypass`)
-        from diffcr.train.bypass import TokenBypass
-
-        bypass = TokenBypass.attach(model, diffcr_config, cfg.token_bypass, cfg.seed)
+    model, diffcr_config, bypass = _attach_routing(base_model, cfg, diffcr_config, scheduler)
     if routed:
         import diffcr
 
-        diffcr_config = diffcr.get_config(model)
         ratio_weight = diffcr_config.ratio_loss_weight
     optimizer = _build_optimizer(model, cfg)
 

@@ -46,6 +46,7 @@ def test_bypass_draws_depend_on_seed_and_step_only_and_come_off_cleanly():
     bypass = TokenBypass.attach(model, BYPASS, probability=0.5, seed=4)
     schedules = [bypass.draw(step) for step in range(20)]
     assert bypass.draw(7) == schedules[7]  # a resumed run draws what the uninterrupted one did
+    assert len(TokenBypass(model, 0.5, seed=2**32 - 1).draw(10**6)) == 3  # the largest seed a run may have
     assert TokenBypass(model, 0.5, seed=5).draw(7) != schedules[7] or TokenBypass(model, 0.5, 5).draw(8) != schedules[8]
     cells = [kept for schedule in schedules for row in schedule for kept in row]
     assert len(schedules[0]) == 3 and all(len(row) == 4 for row in schedules[0])

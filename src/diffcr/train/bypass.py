@@ -56,7 +56,8 @@ class TokenBypass:
 
     def draw(self, step: int) -> list[list[float]]:
         """Fix step `step`'s schedule (blocks x regions) and its score stream; returns the schedule."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * _STREAM + 1)
+        # within int64 for every seed `TrainConfig` allows (below 2**32)
+        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * _STREAM + 1) % 2**63)
         controller = self.model.diffcr
         shape = (controller.num_layers, controller.config.timestep_regions)
         bypassing = torch.rand(shape, generator=generator) < self.probability  # (L, R)

@@ -145,6 +145,8 @@ PRETRAIN_NUMBERS = [
     (["--image-size", "31"], "--image-size 31 must be a multiple"),
     (["--channels", "3"], "bundled MNIST-5k digits are 1x32x32"),
     (["--batch-size", "0"], "batch_size=0"),
+    (["--average-from", "99999"], "average_from=99999 is after the last step (6000)"),
+    (["--average-from", "-1"], "average_from=-1 is outside"),
 ]
 
 

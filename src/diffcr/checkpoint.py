@@ -171,7 +171,13 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], described: dict) ->
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, meta: dict, keep: int = 1
+    run_dir: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    optimizer,
+    meta: dict,
+    keep: int = 1,
+    average: tuple[dict[str, torch.Tensor], list[int]] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoint-<step>` atomically and point `run_dir/latest` at it.
 
@@ -180,6 +186,8 @@ def save_checkpoint(
         optimizer: its state is saved beside them.
         meta: JSON-able training state (step, config, ...).
         keep: how many checkpoints to keep (older ones are deleted after the pointer moves).
+        average: (mean tensors, the steps they average) of a run that averages its weights
+            (`diffcr.train.averaging`): written beside the weights, its steps in state.json.
     """
     run_dir = Path(run_dir)
     name = f"checkpoint-{step:07d}"
@@ -192,6 +200,11 @@ def save_checkpoint(
     opt_tensors, opt_described = optimizer_to_tensors(optimizer)
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_described))
+    if average is not None:
+        mean, average_steps = average
+        meta = {**meta, "average_steps": list(average_steps)}
+        if average_steps:
+            save_file({k: v.contiguous().cpu() for k, v in mean.items()}, str(tmp / "average.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)

@@ -25,6 +25,7 @@ class _RunOptions:
     resume: bool
     snr_gamma: float | None
     snr_weighting: str | None
+    average_from: int
 
 
 @app.command()
@@ -81,13 +82,18 @@ def pretrain(
         None,
         help="--task t2i: the chance that a block routes a random subset of tokens past itself, per block, timestep "
         "region and step (random token bypass; 0 = dense): a base that learns to do without some blocks for some "
-        "tokens loses less under DiffCR. The shipped transformer's last stage used 0.7",
+        "tokens might lose less under DiffCR (measured on the shipped base: it cost dense accuracy; docs/RESULTS.md)",
     ),
     focus_digits: str = typer.Option(
         None, help="--task t2i: digits, e.g. '8,9', whose two-digit scenes --focus-fraction over-samples"
     ),
     focus_fraction: float = typer.Option(
         None, help="--task t2i: the fraction of every batch that are two-digit scenes holding a --focus-digits digit"
+    ),
+    average_from: int = typer.Option(
+        0,
+        help="write the mean of the weights at every checkpoint step from this step on, and at the last step, "
+        "instead of the last weights (0: no average); the shipped text-to-image transformer is such a mean",
     ),
 ) -> None:
     """Pretrain a base model from scratch: the class-conditional DiT (written to OUT/model) or, with --task t2i,
@@ -99,7 +105,17 @@ def pretrain(
     if num_layers is not None:
         check_int("--num-layers", num_layers, 1, 64, "deeper would not train on this recipe's budget")
     run = _RunOptions(
-        steps, batch_size, lr, warmup_steps, minutes, checkpoint_every, seed, resume, snr_gamma, snr_weighting
+        steps,
+        batch_size,
+        lr,
+        warmup_steps,
+        minutes,
+        checkpoint_every,
+        seed,
+        resume,
+        snr_gamma,
+        snr_weighting,
+        average_from,
     )
     if task == "t2i":
         _pretrain_t2i(
@@ -151,6 +167,7 @@ def _pretrain_class(out, data, num_layers, image_size, channels, mixed_precision
         mixed_precision=mixed_precision,
         snr_gamma=run.snr_gamma,
         snr_weighting=run.snr_weighting or "min",
+        average_from=run.average_from,
     )
     patch = BASE_MODEL_CONFIG["patch_size"]
     check_int("--image-size", image_size, 2 * patch, 256, "a pixel-space DiT; every image is a token grid")
@@ -180,7 +197,10 @@ def _pretrain_class(out, data, num_layers, image_size, channels, mixed_precision
         if not main:
             return
         export_model(result.model, out / "model")
-    typer.echo(f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}")
+    typer.echo(
+        f"pretrained {result.steps_done} steps in {result.seconds / 60:.1f} min; model: {out / 'model'}"
+        f"{_averaged(result.averaged_steps)}"
+    )
 
 
 def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_from, bypass_and_focus, run):
@@ -206,6 +226,7 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
         snr_gamma=run.snr_gamma,
         snr_weighting=run.snr_weighting,
         token_bypass=token_bypass,
+        average_from=run.average_from,
     )
     if not 0.0 <= focus_fraction <= 1.0:
         raise ValueError(f"--focus-fraction {focus_fraction} must be in [0, 1]")
@@ -245,8 +266,15 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
         token_bypass=token_bypass,
         focus_digits=focus_digits,
         focus_fraction=focus_fraction,
+        average_from=run.average_from,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")
+
+
+def _averaged(steps: tuple[int, ...]) -> str:
+    if not steps:
+        return ""
+    return f" (the mean of the weights at steps {steps[0]}-{steps[-1]}, {len(steps)} checkpoints)"
 
 
 def _parse_digits(text: str | None) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ INT_LIMITS = {
     "warmup_steps": (0, 10**8, "warmup is counted in steps"),
     "seed": (0, SEED_LIMIT - 1, "seeds are 32-bit"),
     "num_threads": (1, 4096, "CPU threads per process"),
+    "average_from": (0, 10**8, "the first step whose weights join the average, or 0 for no average"),
 }
 
 
@@ -91,6 +92,9 @@ class TrainConfig:
     token_bypass: float = 0.0
     # "constant" after warmup, or "cosine": every learning rate decays to 0 at `steps`
     lr_schedule: str = "constant"
+    # > 0: the model a run returns (and so exports) is the mean of its weights at every checkpoint step from this
+    # step on and at the last step (`diffcr.train.averaging`); the checkpoints themselves hold the weights as trained
+    average_from: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -122,6 +126,11 @@ class TrainConfig:
             raise ValueError(
                 f"token_bypass is for pretraining (mode 'pretrain'), not mode {self.mode!r}: DiffCR modes route by "
                 "their learned routers"
+            )
+        if self.average_from > self.steps:
+            raise ValueError(
+                f"average_from={self.average_from} is after the last step ({self.steps}): no weights would be "
+                f"averaged; give a step in 1..{self.steps}, or 0 for no average"
             )
         if self.distill and self.mode == "pretrain":
             raise ValueError("distill needs a DiffCR mode (routers, lora or full): pretraining has no teacher")
@@ -234,3 +243,5 @@ class TrainResult:
     model: torch.nn.Module
     steps_done: int
     seconds: float
+    # the steps whose weights `model` holds the mean of (empty: the weights after the last step)
+    averaged_steps: tuple[int, ...] = ()

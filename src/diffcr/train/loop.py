@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcr.checkpoint import CheckpointError, check_writable_dir, latest_checkpoint, run_lock, write_json_atomic
+from diffcr.train.averaging import WeightAverage, takes_sample
 from diffcr.train.conditioning import as_conditioning
 from diffcr.train.config import (
     TrainConfig,
@@ -36,6 +37,7 @@ from diffcr.train.runs import (
     _load_checkpoint_into,
     _stop_if_diverged,
     _truncate_metrics,
+    trainable_state,
 )
 from diffcr.train.timesteps import check_conditioning_timesteps, model_timestep_range
 
@@ -415,8 +417,9 @@ def _train(
     optimizer = _build_optimizer(model, cfg)
 
     start_step = 0
+    average = WeightAverage() if cfg.average_from else None
     if ckpt is not None:
-        start_step = _load_checkpoint_into(ckpt, model, optimizer, cfg)
+        start_step, average = _load_checkpoint_into(ckpt, model, optimizer, cfg)
         logger.info("resumed %s at step %d", run_dir, start_step)
 
     if accelerator.is_main_process:
@@ -485,8 +488,10 @@ def _train(
             if world > 1:  # every rank must stop (and checkpoint) at the same step
                 flag = torch.tensor([float(out_of_time)], device=device)
                 out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            if average is not None and takes_sample(step, cfg.average_from, cfg.checkpoint_every, cfg.steps):
+                average.add(trainable_state(accelerator.unwrap_model(model)), step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
-                _checkpoint(accelerator, run_dir, step, model, optimizer, cfg)
+                _checkpoint(accelerator, run_dir, step, model, optimizer, cfg, average)
             if out_of_time:
                 logger.info("stopping at step %d: max_minutes=%s reached", step, cfg.max_minutes)
                 break
@@ -505,4 +510,14 @@ def _train(
         if bypass is not None:  # the caller's model comes back plain, whether training finished or not
             bypass.detach()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, accelerator.unwrap_model(model), step, time.perf_counter() - started)
+    trained = accelerator.unwrap_model(model)
+    averaged_steps = ()
+    if average is not None and average.steps:  # the checkpoints keep the weights as trained, to resume from
+        average.copy_into(trainable_state(trained))
+        averaged_steps = tuple(average.steps)
+        logger.info("the model returned is the mean of the weights at steps %s", _describe_steps(averaged_steps))
+    return TrainResult(run_dir, trained, step, time.perf_counter() - started, averaged_steps)
+
+
+def _describe_steps(steps: tuple[int, ...]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)})"

@@ -93,8 +93,9 @@ def _checkpoint_to_resume(
     return ckpt
 
 
-def _load_checkpoint_into(ckpt: Path, model, optimizer, cfg: TrainConfig) -> int:
-    """Copy a checkpoint's weights and optimizer state into `model` and `optimizer`; returns its step."""
+def _load_checkpoint_into(ckpt: Path, model, optimizer, cfg: TrainConfig):
+    """Copy a checkpoint's weights and optimizer state into `model` and `optimizer`; returns (its step, the weight
+    average it holds: a `WeightAverage`, or None when the run does not average)."""
     trainable, opt_tensors, opt_described, meta = load_checkpoint(ckpt)
     params = trainable_state(model)
     missing = set(params) ^ set(trainable)
@@ -117,7 +118,12 @@ def _load_checkpoint_into(ckpt: Path, model, optimizer, cfg: TrainConfig) -> int
     initial = {"base": cfg.lr, "router": cfg.router_lr, "ratio": cfg.ratio_lr}
     for group in optimizer.param_groups:
         group["initial_lr"] = initial.get(group.get("name"), group["initial_lr"])
-    return meta["step"]
+    average = None
+    if cfg.average_from:
+        from diffcr.train.averaging import WeightAverage
+
+        average = WeightAverage.from_checkpoint(ckpt, meta, meta["step"], cfg.average_from)
+    return meta["step"], average
 
 
 def _stop_if_diverged(accelerator, value: torch.Tensor, step: int, start_step: int, run_dir: Path, what: str) -> None:
@@ -217,7 +223,7 @@ def _same_source(saved, given) -> bool:
     return Path(saved).exists() and Path(given).exists() and Path(saved).resolve() == Path(given).resolve()
 
 
-def _checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, cfg: TrainConfig) -> None:
+def _checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, cfg: TrainConfig, average=None) -> None:
     accelerator.wait_for_everyone()
     tensors = trainable_state(accelerator.unwrap_model(model))
     # a checkpoint must be a sound place to resume from: never replace the last good one with broken weights
@@ -229,7 +235,8 @@ def _checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, cfg: Tr
         )
     if accelerator.is_main_process:
         # two are kept: if the newest one's weights diverge at once, the one before is still there to resume from
-        save_checkpoint(run_dir, step, tensors, optimizer, {"train": asdict(cfg)}, keep=2)
+        kept_average = None if average is None else (average.mean, average.steps)
+        save_checkpoint(run_dir, step, tensors, optimizer, {"train": asdict(cfg)}, keep=2, average=kept_average)
 
 
 def _truncate_metrics(path: Path, upto_step: int) -> None:

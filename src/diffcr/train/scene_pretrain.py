@@ -39,6 +39,7 @@ def pretrain_scene_pipeline(
     token_bypass: float = 0.0,
     focus_digits: tuple[int, ...] = (),
     focus_fraction: float = 0.0,
+    average_from: int = 0,
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder.
@@ -56,7 +57,9 @@ def pretrain_scene_pipeline(
     `token_bypass`: in each step each (block, timestep region) routes a random subset of tokens past the block with
     this chance (`diffcr.train.bypass`), the way the demo's DiffCR routes them (bypassed tokens keep the block's
     cross-attention). `focus_digits` / `focus_fraction`: that fraction of every batch are two-digit
-    scenes holding one of those digits (`SceneConditioning`).
+    scenes holding one of those digits (`SceneConditioning`). `average_from`: the transformer written is the mean
+    of its weights at every checkpoint step from this one on and at the last step (`TrainConfig.average_from`), as
+    the shipped one is.
     """
     from diffusers import AutoencoderKL
 
@@ -104,6 +107,7 @@ def pretrain_scene_pipeline(
         snr_gamma=snr_gamma,
         snr_weighting=snr_weighting,
         token_bypass=token_bypass,
+        average_from=average_from,
     )
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
     run_info = {"task": "t2i", "text_encoder_layers": text_encoder_layers}
@@ -125,7 +129,8 @@ def pretrain_scene_pipeline(
     vae.save_pretrained(pipeline_dir / "vae")
     build_scene_scheduler().save_pretrained(pipeline_dir / "scheduler")
     write_model_index(pipeline_dir, text_encoder_layers)
-    logger.info("pretrained pipeline written to %s after %d steps", pipeline_dir, result.steps_done)
+    averaged = f" (the mean of steps {list(result.averaged_steps)})" if result.averaged_steps else ""
+    logger.info("pretrained pipeline written to %s after %d steps%s", pipeline_dir, result.steps_done, averaged)
     return pipeline_dir
 
 

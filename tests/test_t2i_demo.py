@@ -89,3 +89,19 @@ def test_cli_demo_task_checks(tmp_path):
     mixed = runner.invoke(app, ["demo", "--task", "t2i", "--quick", "--out", str(tmp_path / "y")])
     assert mixed.exit_code != 0 and "--task class" in mixed.output
     torch.set_num_threads(2)
+
+
+def test_recipe_averaging_sets_the_checkpoint_steps_it_averages():
+    from diffcr.t2i_demo import T2IDemoRecipe
+    from diffcr.train.averaging import takes_sample
+
+    plain = T2IDemoRecipe(steps=200).train_config()
+    assert (plain.average_from, plain.checkpoint_every) == (0, 200)
+    averaged = T2IDemoRecipe(steps=200, average_from=100, average_every=20).train_config()
+    assert (averaged.average_from, averaged.checkpoint_every) == (100, 20)
+    taken = [s for s in range(1, 201) if takes_sample(s, averaged.average_from, averaged.checkpoint_every, 200)]
+    assert taken == list(range(100, 201, 20))
+    with pytest.raises(ValueError, match="average_every=0 must be >= 1"):
+        T2IDemoRecipe(average_every=0)
+    with pytest.raises(ValueError, match="after the last step"):
+        T2IDemoRecipe(steps=50, average_from=100).train_config()

@@ -49,6 +49,10 @@ class T2IDemoRecipe:
     route_cross_attention: bool = False
     distill: bool = False
     lr_schedule: str = "constant"
+    # > 0: the artifact is the mean of the weights every `average_every` steps from this step on
+    # (`TrainConfig.average_from`); 0 keeps the last weights
+    average_from: int = 0
+    average_every: int = 10
     sampler_steps: int = 20
     guidance_scale: float = 4.5
     sample_batch_size: int = 10
@@ -56,7 +60,7 @@ class T2IDemoRecipe:
     num_router_prompts: int = 10  # prompts whose computed tokens are checked against the digit strokes
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "sampler_steps", "sample_batch_size", "num_reference"):
+        for name in ("steps", "batch_size", "sampler_steps", "sample_batch_size", "num_reference", "average_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -75,7 +79,8 @@ class T2IDemoRecipe:
             ratio_lr=self.ratio_lr,
             distill=self.distill,
             lr_schedule=self.lr_schedule,
-            checkpoint_every=self.steps,
+            checkpoint_every=self.average_every if self.average_from else self.steps,
+            average_from=self.average_from,
             seed=seed,
             snr_gamma=PRETRAIN_SNR_GAMMA,
             snr_weighting=PRETRAIN_SNR_WEIGHTING,
@@ -133,7 +138,7 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
     from diffcr.text_to_image import sample_prompts
     from diffcr.train import train
 
-    cfg = replace(recipe, steps=2).train_config(seed)
+    cfg = replace(recipe, steps=2, average_from=0).train_config(seed)
     with tempfile.TemporaryDirectory(prefix="diffcr-probe-") as scratch:
         train(
             Path(scratch) / "run",

@@ -99,7 +99,7 @@ def test_recipe_averaging_sets_the_checkpoint_steps_it_averages():
     assert (plain.average_from, plain.checkpoint_every) == (0, 200)
     averaged = T2IDemoRecipe(steps=200, average_from=100, average_every=20).train_config()
     assert (averaged.average_from, averaged.checkpoint_every) == (100, 20)
-    taken = [s for s in range(1, 201) if takes_sample(s, averaged.average_from, averaged.checkpoint_every, 200)]
+    taken = [s for s in range(1, 201) if takes_sample(s, averaged.average_from, averaged.checkpoint_every)]
     assert taken == list(range(100, 201, 20))
     with pytest.raises(ValueError, match="average_every=0 must be >= 1"):
         T2IDemoRecipe(average_every=0)

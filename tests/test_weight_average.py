@@ -33,10 +33,9 @@ def weights_after_each_step(tmp_path, steps) -> dict[int, dict[str, torch.Tensor
     return out
 
 
-def test_takes_sample_at_checkpoint_steps_from_average_from_and_the_last_step():
-    taken = [s for s in range(1, 12) if takes_sample(s, average_from=4, checkpoint_every=3, last_step=11)]
-    assert taken == [6, 9, 11]
-    assert not any(takes_sample(s, average_from=0, checkpoint_every=1, last_step=11) for s in range(1, 12))
+def test_takes_sample_at_checkpoint_steps_from_average_from():
+    assert [s for s in range(1, 12) if takes_sample(s, average_from=4, checkpoint_every=3)] == [6, 9]
+    assert not any(takes_sample(s, average_from=0, checkpoint_every=1) for s in range(1, 12))
 
 
 def test_returned_model_is_the_mean_of_the_weights_at_the_averaged_steps(tmp_path):
@@ -75,6 +74,45 @@ def test_resumed_run_ends_on_the_same_mean_as_a_straight_one(tmp_path):
     assert straight.averaged_steps == resumed.averaged_steps == (2, 4, 6, 8)
     for name, value in weights(straight.model).items():
         assert torch.equal(value, weights(resumed.model)[name]), name
+
+
+def test_last_step_joins_the_returned_mean_but_not_the_kept_one(tmp_path):
+    # 5 steps straight: checkpoint steps 2 and 4, and the last, 5
+    straight = train(tmp_path / "a", tiny_base(), tiny_data(), config(steps=5, average_from=2), progress=False)
+    assert straight.averaged_steps == (2, 4, 5)
+    # 3 steps, then resumed to 5: step 3 ended the first call but is no checkpoint step of the longer run
+    first = train(tmp_path / "b", tiny_base(), tiny_data(), config(steps=3, average_from=2), progress=False)
+    assert first.averaged_steps == (2, 3)
+    assert json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["average_steps"] == [2]
+    resumed = train(
+        tmp_path / "b", tiny_base(), tiny_data(), config(steps=5, average_from=2), resume=True, progress=False
+    )
+    assert resumed.averaged_steps == (2, 4, 5)
+    for name, value in weights(straight.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+    # a run that stops before average_from returns its last weights
+    early = train(
+        tmp_path / "c", tiny_base(), tiny_data(), config(steps=6, average_from=4, max_minutes=1e-9), progress=False
+    )
+    assert early.steps_done == 1 and early.averaged_steps == ()
+
+
+def test_lora_mode_refuses_averaging():
+    with pytest.raises(ValueError, match="mode 'lora'"):
+        config(mode="lora", average_from=2)
+
+
+def test_average_of_another_model_is_refused_on_resume(tmp_path):
+    train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=4, average_from=2), progress=False)
+    ckpt = latest_checkpoint(tmp_path / "r")
+    mean = load_file(str(ckpt / "average.safetensors"))
+    name = sorted(mean)[0]
+    mean[name] = torch.zeros(3)
+    from safetensors.torch import save_file
+
+    save_file(mean, str(ckpt / "average.safetensors"))
+    with pytest.raises(ValueError, match="does not match this model"):
+        train(tmp_path / "r", tiny_base(), tiny_data(), config(steps=6, average_from=2), resume=True, progress=False)
 
 
 def test_average_from_is_checked_and_may_not_change_on_resume(tmp_path):

@@ -17,12 +17,12 @@ import torch
 AVERAGE_FILE = "average.safetensors"
 
 
-def takes_sample(step: int, average_from: int, checkpoint_every: int, last_step: int) -> bool:
-    """Whether the weights after `step` updates join the mean: from `average_from` on, at every checkpoint step
-    (a multiple of `checkpoint_every`) and at the run's last step."""
-    if not average_from or step < average_from:
-        return False
-    return step % checkpoint_every == 0 or step == last_step
+def takes_sample(step: int, average_from: int, checkpoint_every: int) -> bool:
+    """Whether the weights after `step` updates join the running mean kept with the checkpoints: from
+    `average_from` on, at every multiple of `checkpoint_every`. (The weights the run ends on join the mean it
+    returns, `WeightAverage.ending_with`, but not the one it keeps: a run resumed for more steps goes on as if it
+    had never stopped there.)"""
+    return bool(average_from) and step >= average_from and step % checkpoint_every == 0
 
 
 class WeightAverage:
@@ -43,6 +43,24 @@ class WeightAverage:
                     self.mean[name] += (value - self.mean[name]) / count
         self.steps.append(step)
 
+    def ending_with(self, params: dict[str, torch.Tensor], step: int) -> WeightAverage:
+        """The mean a run ending at `step` returns: this one, with the last weights added unless they are in it."""
+        final = WeightAverage()
+        final.mean = {name: value.clone() for name, value in self.mean.items()}
+        final.steps = list(self.steps)
+        if step not in final.steps:
+            final.add(params, step)
+        return final
+
+    def check_fits(self, params: dict[str, torch.Tensor], where: str) -> None:
+        """Refuse a mean whose tensors are not the model's trainable ones (names and shapes)."""
+        if not self.steps:
+            return
+        differ = sorted(set(params) ^ set(self.mean))
+        differ += sorted(n for n in set(params) & set(self.mean) if params[n].shape != self.mean[n].shape)
+        if differ:
+            raise ValueError(f"the weight average in {where} does not match this model/mode: tensors {differ[:8]}")
+
     def copy_into(self, params: dict[str, torch.Tensor]) -> None:
         """Overwrite `params` with the mean (names must match the ones averaged)."""
         missing = set(params) ^ set(self.mean)
@@ -57,30 +75,32 @@ class WeightAverage:
         """The average a checkpoint holds (`meta` is its state.json), checked against the run's `average_from`."""
         from safetensors.torch import load_file
 
-        from diffcr.checkpoint import CheckpointError
+        from diffcr.checkpoint import CheckpointError, _older_checkpoints_hint
 
         average = cls()
         steps = meta.get("average_steps")
         if steps is None:
             if start_step >= average_from:
+                # only a run written before weight averaging existed gets here: average_from may not change on resume
                 raise ValueError(
                     f"cannot resume {ckpt.parent} with average_from={average_from}: {ckpt.name} (step {start_step}) "
                     "was written without a weight average, so the steps before it cannot join one. Resume without "
                     f"--average-from, or give a step after {start_step}"
                 )
             return average
-        if not isinstance(steps, list) or not all(isinstance(s, int) and 0 <= s <= start_step for s in steps):
-            raise CheckpointError(f"{ckpt / 'state.json'} has a damaged 'average_steps' ({steps!r:.200})")
+        hint = _older_checkpoints_hint(ckpt.parent, exclude=ckpt.name)
+        well_formed = isinstance(steps, list) and all(isinstance(s, int) for s in steps)
+        if not well_formed or steps != sorted(set(steps)) or any(not average_from <= s <= start_step for s in steps):
+            raise CheckpointError(f"{ckpt / 'state.json'} has a damaged 'average_steps' ({steps!r:.200}): {hint}")
         if steps:
             path = ckpt / AVERAGE_FILE
             try:
                 average.mean = load_file(str(path))
             except Exception as err:  # missing, truncated or not safetensors
                 raise CheckpointError(
-                    f"cannot read the weight average {path} ({type(err).__name__}: {err}); the checkpoint is "
-                    "incomplete: start afresh in a new folder"
+                    f"cannot read the weight average {path} ({type(err).__name__}: {err}): {hint}"
                 ) from err
             if not all(torch.isfinite(tensor).all() for tensor in average.mean.values()):
-                raise CheckpointError(f"the weight average {path} holds non-finite values")
+                raise CheckpointError(f"the weight average {path} holds non-finite values: {hint}")
         average.steps = list(steps)
         return average

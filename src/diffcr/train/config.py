@@ -92,8 +92,9 @@ class TrainConfig:
     token_bypass: float = 0.0
     # "constant" after warmup, or "cosine": every learning rate decays to 0 at `steps`
     lr_schedule: str = "constant"
-    # > 0: the model a run returns (and so exports) is the mean of its weights at every checkpoint step from this
-    # step on and at the last step (`diffcr.train.averaging`); the checkpoints themselves hold the weights as trained
+    # > 0: the model a run returns (and so exports) is the mean of its weights at every multiple of
+    # `checkpoint_every` from this step on and at the step it ends on (`diffcr.train.averaging`); the checkpoints
+    # hold the weights as trained, and the running mean beside them
     average_from: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +132,11 @@ class TrainConfig:
             raise ValueError(
                 f"average_from={self.average_from} is after the last step ({self.steps}): no weights would be "
                 f"averaged; give a step in 1..{self.steps}, or 0 for no average"
+            )
+        if self.average_from and self.mode == "lora":
+            raise ValueError(
+                "average_from does not work with mode 'lora': the mean of LoRA's two factors is not the mean of the "
+                "weight change they make; use mode 'full' or 'routers', or average_from=0"
             )
         if self.distill and self.mode == "pretrain":
             raise ValueError("distill needs a DiffCR mode (routers, lora or full): pretraining has no teacher")

@@ -488,7 +488,7 @@ def _train(
             if world > 1:  # every rank must stop (and checkpoint) at the same step
                 flag = torch.tensor([float(out_of_time)], device=device)
                 out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-            if average is not None and takes_sample(step, cfg.average_from, cfg.checkpoint_every, cfg.steps):
+            if average is not None and takes_sample(step, cfg.average_from, cfg.checkpoint_every):
                 average.add(trainable_state(accelerator.unwrap_model(model)), step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 _checkpoint(accelerator, run_dir, step, model, optimizer, cfg, average)
@@ -512,9 +512,11 @@ def _train(
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(model)
     averaged_steps = ()
-    if average is not None and average.steps:  # the checkpoints keep the weights as trained, to resume from
-        average.copy_into(trainable_state(trained))
-        averaged_steps = tuple(average.steps)
+    if average is not None and step >= cfg.average_from:  # the checkpoints keep the weights as trained
+        params = trainable_state(trained)
+        final = average.ending_with(params, step)
+        final.copy_into(params)
+        averaged_steps = tuple(final.steps)
         logger.info("the model returned is the mean of the weights at steps %s", _describe_steps(averaged_steps))
     return TrainResult(run_dir, trained, step, time.perf_counter() - started, averaged_steps)
 

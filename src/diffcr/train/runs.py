@@ -123,6 +123,7 @@ def _load_checkpoint_into(ckpt: Path, model, optimizer, cfg: TrainConfig):
         from diffcr.train.averaging import WeightAverage
 
         average = WeightAverage.from_checkpoint(ckpt, meta, meta["step"], cfg.average_from)
+        average.check_fits(params, str(ckpt))
     return meta["step"], average
 
 

@@ -220,8 +220,12 @@ def test_pretraining_can_start_from_a_pipeline_and_keeps_its_vae(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     run = json.loads((tmp_path / "next" / "transformer_run" / "run.json").read_text())
     assert run["init_from"] == str(source) and "vae_steps" not in run
-    with pytest.raises(ValueError, match="architecture is that one's.*num_layers"):
+    with pytest.raises(ValueError, match="may add blocks but not remove them"):
         pretrain_scene_pipeline(tmp_path / "wide", steps=1, init_from=source, transformer_overrides={"num_layers": 3})
+    with pytest.raises(ValueError, match="architecture is that one's.*cross_attention_dim"):
+        pretrain_scene_pipeline(
+            tmp_path / "wide", steps=1, init_from=source, transformer_overrides={"cross_attention_dim": 64}
+        )
     with pytest.raises(ValueError, match="not a pipeline folder"):
         pretrain_scene_pipeline(tmp_path / "bad", steps=1, init_from=tmp_path / "source")
     assert not (tmp_path / "wide").exists() and not (tmp_path / "bad").exists()

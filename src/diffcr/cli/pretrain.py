@@ -46,7 +46,9 @@ def pretrain(
     checkpoint_every: int = typer.Option(100),
     seed: int = typer.Option(0),
     num_layers: int = typer.Option(
-        None, help="depth of the DiT or PixArt transformer (default 8, as both shipped models have)"
+        None,
+        help="depth of the DiT or PixArt transformer (default 8); with --init-from, the depth to grow its "
+        "transformer to",
     ),
     width: int = typer.Option(
         None,
@@ -76,7 +78,8 @@ def pretrain(
     init_from: Path = typer.Option(
         None,
         help="--task t2i: a pipeline folder (OUT/pipeline of an earlier run) whose VAE is kept and whose transformer "
-        "training starts from; how the shipped transformer moved to MiniLM's third layer",
+        "training starts from; with --num-layers above its depth, the transformer grows deeper first (new blocks "
+        "start as the identity)",
     ),
     token_bypass: float = typer.Option(
         None,
@@ -235,9 +238,10 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
     check_int("--vae-steps", vae_steps, 1, 10**6, "the shipped VAE took 900")
     if text_encoder_layers is not None:
         check_text_encoder_layers(text_encoder_layers)
-    if init_from is not None and (num_layers is not None or width is not None):
+    if init_from is not None and width is not None:
         raise ValueError(
-            f"--init-from {init_from} gives the transformer, architecture included: leave out --num-layers and --width"
+            f"--init-from {init_from} gives the transformer, architecture included: leave out --width (--num-layers "
+            "may grow it deeper)"
         )
     overrides = {} if num_layers is None else {"num_layers": num_layers}
     if width is not None:

@@ -51,8 +51,9 @@ def pretrain_scene_pipeline(
     `text_encoder_layers`: how many of MiniLM's layers give the caption states (default
     `models.scene_pipeline.TEXT_ENCODER_LAYERS`). `init_from`: a pipeline folder in the default's layout whose VAE
     is kept and whose transformer training starts from (no VAE is trained, and the architecture is that
-    transformer's, so `transformer_overrides` may not change it); how the shipped transformer moved from MiniLM's
-    last layer to its third. A resumed run goes on with the ones it started with and refuses others.
+    transformer's: `transformer_overrides` may only raise `num_layers`, which grows it deeper with new blocks that
+    start as the identity, `diffcr.models.growth`); how the shipped transformer moved from MiniLM's last layer to
+    its third. A resumed run goes on with the ones it started with and refuses others.
 
     `token_bypass`: in each step each (block, timestep region) routes a random subset of tokens past the block with
     this chance (`diffcr.train.bypass`), the way the demo's DiffCR routes them (bypassed tokens keep the block's
@@ -174,10 +175,12 @@ def _resumed_choices(run_dir: Path, resume: bool, text_encoder_layers, init_from
 
 
 def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None):
-    """(VAE folder, transformer) of the pipeline folder `init_from`; overrides that would change its architecture
-    are refused."""
+    """(VAE folder, transformer) of the pipeline folder `init_from`. An override of `num_layers` above its
+    transformer's grows it deeper, each new block starting as the identity (`diffcr.models.growth`); any other
+    change to its architecture is refused."""
     from diffusers import PixArtTransformer2DModel
 
+    from diffcr.models.growth import check_grown_matches, grow_depth
     from diffcr.models.scene_pipeline import is_scene_pipeline_folder
 
     if not is_scene_pipeline_folder(init_from) or not (init_from / "transformer" / "config.json").is_file():
@@ -187,8 +190,22 @@ def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None):
         )
     transformer = PixArtTransformer2DModel.from_pretrained(init_from / "transformer")
     changed = {k: v for k, v in (transformer_overrides or {}).items() if transformer.config.get(k) != v}
+    grown_layers = changed.pop("num_layers", None)
     if changed:
         raise ValueError(
-            f"the transformer starts from {init_from}, so its architecture is that one's; drop the overrides {changed}"
+            f"the transformer starts from {init_from}, so its architecture is that one's (it may only grow deeper); "
+            f"drop the overrides {changed}"
         )
+    if grown_layers is not None:
+        if grown_layers < transformer.config.num_layers:
+            raise ValueError(
+                f"num_layers={grown_layers}: the transformer of {init_from} has {transformer.config.num_layers} "
+                "blocks, and starting from it may add blocks but not remove them"
+            )
+        grown = grow_depth(transformer, grown_layers)
+        check_grown_matches(transformer, grown, atol=1e-5)
+        logger.info(
+            "grew the transformer of %s from %d to %d blocks", init_from, transformer.config.num_layers, grown_layers
+        )
+        transformer = grown
     return init_from / "vae", transformer

@@ -147,6 +147,7 @@ PRETRAIN_NUMBERS = [
     (["--batch-size", "0"], "batch_size=0"),
     (["--average-from", "99999"], "average_from=99999 is after the last step (6000)"),
     (["--average-from", "-1"], "average_from=-1 is outside"),
+    (["--lr-schedule", "linear"], "lr_schedule='linear' must be one of"),
 ]
 
 

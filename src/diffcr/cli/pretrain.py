@@ -26,6 +26,7 @@ class _RunOptions:
     snr_gamma: float | None
     snr_weighting: str | None
     average_from: int
+    lr_schedule: str
 
 
 @app.command()
@@ -93,6 +94,9 @@ def pretrain(
     focus_fraction: float = typer.Option(
         None, help="--task t2i: the fraction of every batch that are two-digit scenes holding a --focus-digits digit"
     ),
+    lr_schedule: str = typer.Option(
+        "constant", help="'constant' after the warmup, or 'cosine': the learning rate decays to 0 at the last step"
+    ),
     average_from: int = typer.Option(
         0,
         help="write the mean of the weights at every checkpoint step from this step on, and at the last step, "
@@ -119,6 +123,7 @@ def pretrain(
         snr_gamma,
         snr_weighting,
         average_from,
+        lr_schedule,
     )
     if task == "t2i":
         _pretrain_t2i(
@@ -171,6 +176,7 @@ def _pretrain_class(out, data, num_layers, image_size, channels, mixed_precision
         snr_gamma=run.snr_gamma,
         snr_weighting=run.snr_weighting or "min",
         average_from=run.average_from,
+        lr_schedule=run.lr_schedule,
     )
     patch = BASE_MODEL_CONFIG["patch_size"]
     check_int("--image-size", image_size, 2 * patch, 256, "a pixel-space DiT; every image is a token grid")
@@ -230,6 +236,7 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
         snr_weighting=run.snr_weighting,
         token_bypass=token_bypass,
         average_from=run.average_from,
+        lr_schedule=run.lr_schedule,
     )
     if not 0.0 <= focus_fraction <= 1.0:
         raise ValueError(f"--focus-fraction {focus_fraction} must be in [0, 1]")
@@ -271,6 +278,7 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
         focus_digits=focus_digits,
         focus_fraction=focus_fraction,
         average_from=run.average_from,
+        lr_schedule=run.lr_schedule,
     )
     typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")
 

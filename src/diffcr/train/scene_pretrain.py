@@ -40,6 +40,7 @@ def pretrain_scene_pipeline(
     focus_digits: tuple[int, ...] = (),
     focus_fraction: float = 0.0,
     average_from: int = 0,
+    lr_schedule: str = "constant",
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder.
@@ -60,7 +61,7 @@ def pretrain_scene_pipeline(
     cross-attention). `focus_digits` / `focus_fraction`: that fraction of every batch are two-digit
     scenes holding one of those digits (`SceneConditioning`). `average_from`: the transformer written is the mean
     of its weights at every checkpoint step from this one on and at the last step (`TrainConfig.average_from`), as
-    the shipped one is.
+    the shipped one is. `lr_schedule`: `TrainConfig.lr_schedule`.
     """
     from diffusers import AutoencoderKL
 
@@ -109,6 +110,7 @@ def pretrain_scene_pipeline(
         snr_weighting=snr_weighting,
         token_bypass=token_bypass,
         average_from=average_from,
+        lr_schedule=lr_schedule,
     )
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
     run_info = {"task": "t2i", "text_encoder_layers": text_encoder_layers}

@@ -20,10 +20,18 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_shipped_files_fit_the_budget():
-    files = [p for folder in (PIPELINE_DIR, ARTIFACT_DIR) for p in folder.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    def size(files) -> int:
+        return sum(p.stat().st_size for p in files)
+
+    pipeline = [p for p in PIPELINE_DIR.rglob("*") if p.is_file()]
+    artifact = [p for p in ARTIFACT_DIR.rglob("*") if p.is_file()]
+    # the pipeline (VAE and transformer, model card) within the 25 MB; the artifact of a full fine-tune is
+    # one transformer's weights plus the routers and kept ratios
+    assert size(pipeline) <= 25 * 2**20
+    transformer = size((PIPELINE_DIR / "transformer").rglob("*.safetensors"))
+    assert size(artifact) <= transformer + 2**20
     assert (PIPELINE_DIR / "README.md").is_file()  # the model card
-    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
+    assert not [p for p in pipeline + artifact if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
 
 
 def test_shipped_pipeline_shape():
@@ -82,9 +90,9 @@ def test_dense_and_diffcr_draw_what_heldout_prompts_ask_for_at_their_measured_le
     torch.set_num_threads(2)
     prompts = [p for p, kind in evaluation_prompts() if kind == "heldout"]
     cfg = PromptSampleConfig(steps=20, batch_size=10)
-    # the figures the model card reports for these prompts and seeds (77.5 % dense, 57.5 % DiffCR): the shipped
-    # models are below the 85 % bar the text-to-image default aims at, and this guards what they do reach
-    floors = {"none": 0.75, "default": 0.50}
+    # the figures the model card reports for these prompts and seeds (85.0 % dense, 75.0 % DiffCR), less two of
+    # the 40 digits: DiffCR is still 10 points under dense here, and this guards what the shipped models reach
+    floors = {"none": 0.80, "default": 0.70}
     for artifact, floor in floors.items():
         images = sample_prompts(load_pipeline("t2i", artifact), prompts, cfg)
         accuracy = prompt_accuracy(images, prompts)

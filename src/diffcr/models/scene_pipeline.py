@@ -24,7 +24,7 @@ MAX_SEQUENCE_LENGTH = 24  # the longest caption of the grammar is 18 word pieces
 # per slot (what PixArt's cross-attention has to do) trained on them reads every slot of the two-digit evaluation
 # prompts right at layer 3, and 82.5 % at layer 6, where each digit's token has taken in the rest of the caption
 # and digits get swapped or doubled (benchmarks/text_encoder_probe.py; docs/RESULTS.md, "The text encoder's
-# layer"). Moving the shipped transformer to it raised its prompt accuracy from 75.6 % to 81.1 %.
+# layer"). Moving the 8-block transformer to it raised its prompt accuracy from 75.6 % to 81.1 %.
 TEXT_ENCODER_LAYERS = 3
 # how many MiniLM layers a pipeline folder in the default's layout was trained on; a folder without this file
 # predates the choice and used all six

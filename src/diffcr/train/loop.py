@@ -496,13 +496,7 @@ def _train(
                 logger.info("stopping at step %d: max_minutes=%s reached", step, cfg.max_minutes)
                 break
     except KeyboardInterrupt as err:
-        ckpt = None
-        try:
-            ckpt = latest_checkpoint(run_dir)
-        except CheckpointError:
-            pass
-        where = f"the last checkpoint, {ckpt}, is intact: --resume continues from it" if ckpt else "no checkpoint yet"
-        raise TrainingInterrupted(f"training interrupted at step {step}; {where}") from err
+        raise _interrupted(run_dir, step) from err
     finally:
         bar.close()
         if metrics_file is not None:
@@ -511,14 +505,31 @@ def _train(
             bypass.detach()
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(model)
-    averaged_steps = ()
-    if average is not None and step >= cfg.average_from:  # the checkpoints keep the weights as trained
-        params = trainable_state(trained)
-        final = average.ending_with(params, step)
-        final.copy_into(params)
-        averaged_steps = tuple(final.steps)
-        logger.info("the model returned is the mean of the weights at steps %s", _describe_steps(averaged_steps))
+    averaged_steps = _end_on_average(trained, average, step, cfg)
     return TrainResult(run_dir, trained, step, time.perf_counter() - started, averaged_steps)
+
+
+def _interrupted(run_dir: Path, step: int) -> TrainingInterrupted:
+    """The error for Ctrl-C at `step`, saying where the run can resume from."""
+    ckpt = None
+    try:
+        ckpt = latest_checkpoint(run_dir)
+    except CheckpointError:
+        pass
+    where = f"the last checkpoint, {ckpt}, is intact: --resume continues from it" if ckpt else "no checkpoint yet"
+    return TrainingInterrupted(f"training interrupted at step {step}; {where}")
+
+
+def _end_on_average(trained, average, step: int, cfg: TrainConfig) -> tuple[int, ...]:
+    """Put the weight average (with the weights of the last step) into `trained`; returns the steps it holds, or ()
+    when the run does not average or stopped before `average_from`. The checkpoints keep the weights as trained."""
+    if average is None or step < cfg.average_from:
+        return ()
+    params = trainable_state(trained)
+    final = average.ending_with(params, step)
+    final.copy_into(params)
+    logger.info("the model returned is the mean of the weights at steps %s", _describe_steps(tuple(final.steps)))
+    return tuple(final.steps)
 
 
 def _describe_steps(steps: tuple[int, ...]) -> str:

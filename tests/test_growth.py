@@ -1,5 +1,6 @@
 """Depth growth (`diffcr.models.growth`): the grown transformer computes what its source does, its new blocks are
-copies with zero output projections, and `diffcr pretrain --init-from --num-layers` grows and resumes."""
+copies with zero output projections, and `diffcr pretrain --init-from --num-layers` grows and resumes; dropping
+blocks (`drop_blocks`, `--drop-blocks`) keeps the others as they were."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_pixart
-from diffcr.models.growth import OUTPUT_PROJECTIONS, check_grown_matches, grow_depth, growth_plan
+from diffcr.models.growth import OUTPUT_PROJECTIONS, check_grown_matches, drop_blocks, grow_depth, growth_plan
 
 
 def test_growth_plan_spreads_the_copies():
@@ -87,3 +88,109 @@ def test_pretrain_cli_grows_the_init_from_transformer_and_resumes(tiny_scene_pip
     wide = runner.invoke(app, [*args[:-2], "--width", "64", "--out", str(tmp_path / "wide")])
     assert wide.exit_code == 2 and "leave out --width" in " ".join(wide.output.split()), wide.output
     assert not (tmp_path / "wide").exists()
+
+
+def _output(transformer, seed: int = 0) -> torch.Tensor:
+    config = transformer.config
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    caption = torch.randn(2, 4, config.caption_channels, generator=generator)
+    kwargs = {"encoder_hidden_states": caption, "timestep": torch.tensor([10, 900])}
+    with torch.no_grad():
+        return transformer.eval()(
+            latents, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **kwargs
+        ).sample
+
+
+def test_dropping_blocks_keeps_the_others_and_computes_the_model_without_them():
+    import copy
+
+    source = tiny_pixart(num_layers=4)
+    smaller = drop_blocks(source, [1, 2])
+    assert smaller.config.num_layers == 2 and len(smaller.transformer_blocks) == 2
+    assert len(source.transformer_blocks) == 4  # the source is left as it was
+    for new, old in zip(smaller.transformer_blocks, [source.transformer_blocks[0], source.transformer_blocks[3]]):
+        assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    # the same function as the source with those blocks taken out of its forward
+    without = copy.deepcopy(source)
+    without.transformer_blocks = torch.nn.ModuleList([without.transformer_blocks[0], without.transformer_blocks[3]])
+    assert torch.equal(_output(smaller), _output(without))
+    assert (_output(smaller) - _output(source)).abs().max() > 1e-3  # the dropped blocks did something
+    # growing and then dropping the copies gives the source back, weight for weight
+    grown = grow_depth(source, 6)
+    copies = [index for index, (_, is_copy) in enumerate(growth_plan(4, 6)) if is_copy]
+    back = drop_blocks(grown, copies)
+    assert back.state_dict().keys() == source.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("dropped", "message"),
+    [([], "drop at least one"), ([0, 1, 2, 3], "keep at least one"), ([4], "not block indices"),
+     ([-1], "not block indices"), ([1, 1], "twice"), ([True], "not block indices")],
+)  # fmt: skip
+def test_dropping_bad_blocks_is_refused(dropped, message):
+    with pytest.raises(ValueError, match=message):
+        drop_blocks(tiny_pixart(num_layers=4), dropped)
+    with pytest.raises(ValueError, match="only PixArt transformers lose blocks"):
+        drop_blocks(torch.nn.Linear(2, 2), [0])
+
+
+def test_pretrain_cli_drops_blocks_and_writes_them_untrained_with_zero_steps(tiny_scene_pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffcr.cli import app
+    from diffcr.models.scene_pipeline import load_scene_pipeline
+
+    runner = CliRunner()
+    source = load_scene_pipeline(tiny_scene_pipeline).transformer
+    depth = source.config.num_layers
+    base = ["pretrain", "--task", "t2i", "--init-from", str(tiny_scene_pipeline)]
+    result = runner.invoke(app, [*base, "--drop-blocks", "0", "--steps", "0", "--out", str(tmp_path / "pruned")])
+    assert result.exit_code == 0, result.output
+    assert "untrained" in result.output
+    pruned = load_scene_pipeline(tmp_path / "pruned" / "pipeline").transformer
+    assert pruned.config.num_layers == depth - 1
+    want = drop_blocks(source, [0]).state_dict()
+    assert all(torch.equal(pruned.state_dict()[k], v) for k, v in want.items())
+    assert not (tmp_path / "pruned" / "transformer_run").exists()  # nothing trained
+    # a run that trains remembers what it dropped: resuming with other blocks is refused
+    out = tmp_path / "trained"
+    train = [*base, "--drop-blocks", "0", "--steps", "1", "--batch-size", "2", "--warmup-steps", "0", "--out", str(out)]
+    assert runner.invoke(app, train).exit_code == 0
+    assert json.loads((out / "transformer_run" / "run.json").read_text())["drop_blocks"] == [0]
+    other = [*base, "--drop-blocks", "1", "--steps", "2", "--batch-size", "2", "--out", str(out), "--resume"]
+    refused = runner.invoke(app, other)
+    assert refused.exit_code != 0 and "it started dropping [0]" in " ".join(refused.output.split()), refused.output
+    resumed = runner.invoke(app, [*base, "--steps", "2", "--batch-size", "2", "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_scene_pipeline(out / "pipeline").transformer.config.num_layers == depth - 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--steps", "0"], "give --init-from"),
+     (["--drop-blocks", "0", "--steps", "1"], "give --init-from"),
+     (["--drop-blocks", "a,b", "--steps", "1"], "must be block indices")],
+)  # fmt: skip
+def test_pretrain_cli_refuses_zero_steps_or_dropping_without_a_pipeline(extra, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffcr.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--task", "t2i", "--out", str(tmp_path / "x"), *extra])
+    assert result.exit_code != 0 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x").exists()
+    on_class = CliRunner().invoke(app, ["pretrain", "--drop-blocks", "0", "--out", str(tmp_path / "y")])
+    assert on_class.exit_code != 0 and "--drop-blocks belongs to --task t2i" in " ".join(on_class.output.split())
+
+
+def test_pretrain_cli_refuses_dropping_and_growing_at_once(tiny_scene_pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffcr.cli import app
+
+    args = ["pretrain", "--task", "t2i", "--init-from", str(tiny_scene_pipeline), "--drop-blocks", "0",
+            "--num-layers", "6", "--steps", "0", "--out", str(tmp_path / "x")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "do one, then the other" in " ".join(result.output.split()), result.output

@@ -82,6 +82,12 @@ def pretrain(
         "training starts from; with --num-layers above its depth, the transformer grows deeper first (new blocks "
         "start as the identity)",
     ),
+    drop_blocks: str = typer.Option(
+        None,
+        help="--task t2i, with --init-from: blocks (0-based, e.g. '2,5,8,11') its transformer loses before training; "
+        "with --steps 0 the pipeline is written without training (how the shipped transformer lost its four grown "
+        "copies, which added nothing)",
+    ),
     token_bypass: float = typer.Option(
         None,
         help="--task t2i: the chance that a block routes a random subset of tokens past itself, per block, timestep "
@@ -132,7 +138,7 @@ def pretrain(
             width,
             vae_steps,
             text_encoder_layers,
-            init_from,
+            (init_from, _parse_blocks(drop_blocks)),
             (token_bypass or 0.0, _parse_digits(focus_digits), focus_fraction or 0.0),
             run,
         )
@@ -142,6 +148,7 @@ def pretrain(
         "--width": width,
         "--text-encoder-layers": text_encoder_layers,
         "--init-from": init_from,
+        "--drop-blocks": drop_blocks,
         "--token-bypass": token_bypass,
         "--focus-digits": focus_digits,
         "--focus-fraction": focus_fraction,
@@ -212,7 +219,7 @@ def _pretrain_class(out, data, num_layers, image_size, channels, mixed_precision
     )
 
 
-def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_from, bypass_and_focus, run):
+def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, start, bypass_and_focus, run):
     from diffcr.cli.common import check_int, check_new_run_dir
     from diffcr.models.scene_pipeline import PRETRAIN_SNR_GAMMA, PRETRAIN_SNR_WEIGHTING, check_text_encoder_layers
     from diffcr.train import TrainConfig
@@ -225,9 +232,20 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
         snr_weighting=run.snr_weighting or PRETRAIN_SNR_WEIGHTING,
     )
     token_bypass, focus_digits, focus_fraction = bypass_and_focus
+    init_from, drop_blocks = start
+    if run.steps == 0 and (init_from is None or run.resume or run.average_from):
+        raise ValueError(
+            "--steps 0 writes the transformer of --init-from as it starts (grown by --num-layers or with "
+            "--drop-blocks), without training: give --init-from, and leave out --resume and --average-from"
+        )
+    if drop_blocks and init_from is None:
+        raise ValueError(
+            f"--drop-blocks {','.join(map(str, drop_blocks))} drops blocks of --init-from's transformer: give "
+            "--init-from"
+        )
     TrainConfig(
         mode="pretrain",
-        steps=run.steps,
+        steps=run.steps or 1,  # 0: no training (checked above)
         batch_size=run.batch_size,
         lr=run.lr,
         warmup_steps=run.warmup_steps,
@@ -274,19 +292,35 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, init_f
         transformer_overrides=overrides,
         text_encoder_layers=text_encoder_layers,
         init_from=init_from,
+        drop_blocks=drop_blocks,
         token_bypass=token_bypass,
         focus_digits=focus_digits,
         focus_fraction=focus_fraction,
         average_from=run.average_from,
         lr_schedule=run.lr_schedule,
     )
-    typer.echo(f"pretrained the text-to-image default; pipeline: {folder} (load it with --base {folder})")
+    done = (
+        "wrote the starting transformer untrained (--steps 0)"
+        if run.steps == 0
+        else "pretrained the text-to-image default"
+    )
+    typer.echo(f"{done}; pipeline: {folder} (load it with --base {folder})")
 
 
 def _averaged(steps: tuple[int, ...]) -> str:
     if not steps:
         return ""
     return f" (the mean of the weights at steps {steps[0]}-{steps[-1]}, {len(steps)} checkpoints)"
+
+
+def _parse_blocks(text: str | None) -> tuple[int, ...]:
+    """'2,5,8,11' -> (2, 5, 8, 11); None -> ()."""
+    if text is None:
+        return ()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ValueError(f"--drop-blocks {text!r} must be block indices (0-based) separated by commas, e.g. '2,5,8,11'")
+    return tuple(int(part) for part in parts)
 
 
 def _parse_digits(text: str | None) -> tuple[int, ...]:

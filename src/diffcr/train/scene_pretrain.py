@@ -41,6 +41,7 @@ def pretrain_scene_pipeline(
     focus_fraction: float = 0.0,
     average_from: int = 0,
     lr_schedule: str = "constant",
+    drop_blocks: tuple[int, ...] = (),
 ) -> Path:
     """Train the scene VAE (`out/vae_run`) and then the transformer (`out/transformer_run`); export both to
     `out/pipeline`. Returns that folder.
@@ -62,16 +63,15 @@ def pretrain_scene_pipeline(
     scenes holding one of those digits (`SceneConditioning`). `average_from`: the transformer written is the mean
     of its weights at every checkpoint step from this one on and at the last step (`TrainConfig.average_from`), as
     the shipped one is. `lr_schedule`: `TrainConfig.lr_schedule`.
+
+    `drop_blocks`: with `init_from`, the blocks (0-based) its transformer loses before training
+    (`diffcr.models.growth.drop_blocks`), as the shipped one lost its four grown copies. With `init_from`, `steps=0`
+    writes the starting transformer (grown or with blocks dropped) as it is, without training.
     """
     from diffusers import AutoencoderKL
 
     from diffcr.data.scenes import DigitScenes
-    from diffcr.models.scene_pipeline import (
-        build_scene_scheduler,
-        build_scene_transformer,
-        load_text_encoder,
-        write_model_index,
-    )
+    from diffcr.models.scene_pipeline import build_scene_transformer, load_text_encoder
     from diffcr.models.tiny_dit import build_scheduler
     from diffcr.train.config import TrainConfig
     from diffcr.train.loop import train
@@ -80,9 +80,22 @@ def pretrain_scene_pipeline(
 
     out = Path(out)
     run_dir = out / "transformer_run"
-    text_encoder_layers, init_from = _resumed_choices(run_dir, resume, text_encoder_layers, init_from)
+    text_encoder_layers, init_from, drop_blocks = _resumed_choices(
+        run_dir, resume, text_encoder_layers, init_from, tuple(drop_blocks)
+    )
+    if steps == 0 and (init_from is None or resume):
+        raise ValueError(
+            "steps=0 writes the transformer of init_from as it starts (grown or with blocks dropped), without "
+            "training: give init_from and no resume, or steps >= 1"
+        )
+    if drop_blocks and init_from is None:
+        raise ValueError(f"drop_blocks {list(drop_blocks)} drops blocks of init_from's transformer: give init_from")
     if init_from is not None:
-        vae_dir, transformer = _start_from_pipeline(Path(init_from), transformer_overrides)
+        vae_dir, transformer = _start_from_pipeline(Path(init_from), transformer_overrides, drop_blocks)
+        if steps == 0:
+            return _write_pipeline(
+                out / "pipeline", transformer, AutoencoderKL.from_pretrained(vae_dir), text_encoder_layers
+            )
     else:
         vae_dir = out / "vae_run" / "vae"
         if not (vae_dir / "config.json").is_file():
@@ -115,6 +128,7 @@ def pretrain_scene_pipeline(
     resume_transformer = resume and run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
     run_info = {"task": "t2i", "text_encoder_layers": text_encoder_layers}
     run_info |= {"init_from": str(init_from)} if init_from is not None else {"vae_steps": vae_steps}
+    run_info |= {"drop_blocks": list(drop_blocks)} if drop_blocks else {}
     run_info |= {"focus_digits": sorted(focus_digits), "focus_fraction": focus_fraction}
     result = train(
         run_dir,
@@ -127,13 +141,20 @@ def pretrain_scene_pipeline(
         progress=progress,
         run_info=run_info,
     )
-    pipeline_dir = out / "pipeline"
-    result.model.eval().save_pretrained(pipeline_dir / "transformer")
+    pipeline_dir = _write_pipeline(out / "pipeline", result.model, vae, text_encoder_layers)
+    averaged = f" (the mean of steps {list(result.averaged_steps)})" if result.averaged_steps else ""
+    logger.info("pretrained pipeline written to %s after %d steps%s", pipeline_dir, result.steps_done, averaged)
+    return pipeline_dir
+
+
+def _write_pipeline(pipeline_dir: Path, transformer, vae, text_encoder_layers: int) -> Path:
+    """The pipeline folder in the default's layout (the text encoder is named, not stored)."""
+    from diffcr.models.scene_pipeline import build_scene_scheduler, write_model_index
+
+    transformer.eval().save_pretrained(pipeline_dir / "transformer")
     vae.save_pretrained(pipeline_dir / "vae")
     build_scene_scheduler().save_pretrained(pipeline_dir / "scheduler")
     write_model_index(pipeline_dir, text_encoder_layers)
-    averaged = f" (the mean of steps {list(result.averaged_steps)})" if result.averaged_steps else ""
-    logger.info("pretrained pipeline written to %s after %d steps%s", pipeline_dir, result.steps_done, averaged)
     return pipeline_dir
 
 
@@ -151,9 +172,11 @@ def _saved_run_info(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def _resumed_choices(run_dir: Path, resume: bool, text_encoder_layers, init_from) -> tuple[int, Path | None]:
-    """(text encoder layers, init_from) for the run: what a resumed run started with (refusing others), else what
-    was asked, with `TEXT_ENCODER_LAYERS` by default."""
+def _resumed_choices(
+    run_dir: Path, resume: bool, text_encoder_layers, init_from, drop_blocks: tuple[int, ...] = ()
+) -> tuple[int, Path | None, tuple[int, ...]]:
+    """(text encoder layers, init_from, drop_blocks) for the run: what a resumed run started with (refusing
+    others), else what was asked, with `TEXT_ENCODER_LAYERS` by default."""
     from diffcr.models.scene_pipeline import MINILM_LAYERS, TEXT_ENCODER_LAYERS, check_text_encoder_layers
 
     saved = _saved_run_info(run_dir) if resume else None
@@ -172,17 +195,24 @@ def _resumed_choices(run_dir: Path, resume: bool, text_encoder_layers, init_from
                 "init_from to go on with it, or start a new run"
             )
         init_from = saved.get("init_from") if init_from is None else init_from
+        started_drop = tuple(saved.get("drop_blocks", ()))
+        if drop_blocks and drop_blocks != started_drop:
+            raise ValueError(
+                f"cannot resume {run_dir} dropping blocks {list(drop_blocks)}: it started dropping "
+                f"{list(started_drop)}; leave the option out to go on as it started, or start a new run"
+            )
+        drop_blocks = started_drop
     layers = check_text_encoder_layers(TEXT_ENCODER_LAYERS if text_encoder_layers is None else text_encoder_layers)
-    return layers, None if init_from is None else Path(init_from)
+    return layers, None if init_from is None else Path(init_from), drop_blocks
 
 
-def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None):
+def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None, dropped: tuple[int, ...] = ()):
     """(VAE folder, transformer) of the pipeline folder `init_from`. An override of `num_layers` above its
-    transformer's grows it deeper, each new block starting as the identity (`diffcr.models.growth`); any other
-    change to its architecture is refused."""
+    transformer's grows it deeper, each new block starting as the identity (`diffcr.models.growth`); `dropped`
+    removes those blocks instead; any other change to its architecture is refused."""
     from diffusers import PixArtTransformer2DModel
 
-    from diffcr.models.growth import check_grown_matches, grow_depth
+    from diffcr.models.growth import check_grown_matches, drop_blocks, grow_depth
     from diffcr.models.scene_pipeline import is_scene_pipeline_folder
 
     if not is_scene_pipeline_folder(init_from) or not (init_from / "transformer" / "config.json").is_file():
@@ -198,6 +228,15 @@ def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None):
             f"the transformer starts from {init_from}, so its architecture is that one's (it may only grow deeper); "
             f"drop the overrides {changed}"
         )
+    if dropped:
+        if grown_layers is not None:
+            raise ValueError(
+                f"dropping blocks {list(dropped)} and growing to {grown_layers} blocks at once: do one, then the "
+                "other in a second run"
+            )
+        source_layers = transformer.config.num_layers
+        transformer = drop_blocks(transformer, dropped)
+        logger.info("dropped blocks %s of the %d of %s's transformer", list(dropped), source_layers, init_from)
     if grown_layers is not None:
         if grown_layers < transformer.config.num_layers:
             raise ValueError(

@@ -140,3 +140,18 @@ def test_fewer_steps_account_for_the_fixed_cost_of_a_call():
     assert latency.steps_for(1.01) == 19  # always fewer than dense
     assert latency.steps_for(100.0) == 1
     assert StepLatency(0.0, -1.0, 20).steps_for(2.0) == 10  # a noisy fit falls back to steps / target
+
+
+def test_trained_variants_take_the_demo_budget_and_schedule():
+    from diffcr.t2i_demo import T2IDemoRecipe
+
+    demo = T2IDemoRecipe()
+    for dense in (True, False):
+        cfg = T2IBenchRecipe().train_config(dense=dense)
+        assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.lr_schedule) == (
+            demo.steps,
+            demo.batch_size,
+            demo.lr,
+            demo.lr_schedule,
+        )
+    assert T2IBenchRecipe(lr_schedule="constant").train_config(dense=False).lr_schedule == "constant"

@@ -105,3 +105,14 @@ def test_recipe_averaging_sets_the_checkpoint_steps_it_averages():
         T2IDemoRecipe(average_every=0)
     with pytest.raises(ValueError, match="after the last step"):
         T2IDemoRecipe(steps=50, average_from=100).train_config()
+
+
+def test_recipe_ratio_bins_reach_the_diffcr_config():
+    from diffcr.config import DEFAULT_RATIO_BINS
+    from diffcr.t2i_demo import T2IDemoRecipe
+
+    assert T2IDemoRecipe().diffcr_config().ratio_bins == DEFAULT_RATIO_BINS
+    to_zero = (*DEFAULT_RATIO_BINS, 0.0)  # the paper's bins reach 100 % compression: a whole-block skip
+    assert T2IDemoRecipe(ratio_bins=to_zero).diffcr_config().ratio_bins == to_zero
+    with pytest.raises(ValueError, match="must start at 1.0"):
+        T2IDemoRecipe(ratio_bins=(0.9, 0.5)).diffcr_config()

@@ -172,7 +172,8 @@ def test_judged_t2i_rows_carry_family_heldout_accuracy_frontier_and_no_loss():
 def test_default_recipe_takes_the_text_to_image_budget_and_samples_300_images_a_point():
     recipe = T2IFrontierRecipe()
     bench = T2IBenchRecipe()
-    for name in ("train_steps", "train_batch", "lr", "router_lr", "ratio_lr", "ratio_loss_weight", "sample_batch"):
+    names = ("train_steps", "train_batch", "lr", "router_lr", "ratio_lr", "lr_schedule", "ratio_loss_weight")
+    for name in (*names, "sample_batch"):
         assert getattr(recipe, name) == getattr(bench, name), name
     assert (recipe.sampler_steps, recipe.guidance_scale, recipe.timestep_regions) == (20, 4.5, 1)
     assert recipe.step_counts == (20, 16, 13, 10, 8, 6) and recipe.diffcr_targets == (0.75, 0.58, 0.42)
@@ -188,7 +189,7 @@ def test_workload_counts_trainings_points_images_and_image_steps():
     # points: dense 1 + fewer steps 6 + cache 3 + DiffCR 3 + DiffCR x steps 3 x 4 + DiffCR x cache 3 x 2 + tuned 1 + 4
     assert work == {
         "trainings": 4,  # three DiffCR targets and dense fine-tuned
-        "train_steps": 200,
+        "train_steps": 400,
         "train_batch": 16,
         "points": 36,
         "images": (36 + 2) * 300,  # and dense on the two spread seed sets

@@ -59,7 +59,8 @@ class T2IBenchRecipe:
         ratio_loss_weight: lambda, the demo's: fine-tuning weighs the diffusion loss as pretraining did (about 6x
             the plain MSE), so the class-conditional 0.3 would leave the kept ratios near 1.0.
         train_steps, train_batch: the budget every trained variant gets (the text-to-image demo's).
-        lr, router_lr, ratio_lr: the demo's learning rates.
+        lr, router_lr, ratio_lr, lr_schedule: the demo's learning rates and their schedule (a cosine decay to 0:
+            at this budget constant rates diverge, docs/RESULTS.md).
         route_cross_attention: the demo's: False gives the tokens a block bypasses its cross-attention update (a
             diffcr option, docs/METHOD.md section 1) in every routed method (DiffCR-LT, DiffCR-L, uniform and
             random routing) and in the probes that match their kept ratio to a speedup; True is the paper's routing.
@@ -83,6 +84,7 @@ class T2IBenchRecipe:
     lr: float = T2IDemoRecipe.lr
     router_lr: float = T2IDemoRecipe.router_lr
     ratio_lr: float = T2IDemoRecipe.ratio_lr
+    lr_schedule: str = T2IDemoRecipe.lr_schedule
     route_cross_attention: bool = T2IDemoRecipe.route_cross_attention
     train_uniform: bool = True
     sampler_steps: int = 20
@@ -159,6 +161,7 @@ class T2IBenchRecipe:
             router_lr=self.router_lr,
             ratio_lr=self.ratio_lr if ratio_lr is None else ratio_lr,
             checkpoint_every=self.train_steps,
+            lr_schedule=self.lr_schedule,
             seed=self.seed,
             num_threads=self.num_threads,
             snr_gamma=PRETRAIN_SNR_GAMMA,

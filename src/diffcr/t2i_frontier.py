@@ -85,7 +85,7 @@ class T2IFrontierRecipe(FrontierPlan):
         route_cross_attention: the demo's and the bench's: False gives the tokens a block bypasses its
             cross-attention update (a diffcr option, docs/METHOD.md section 1; PixArt blocks only); True is the
             paper's routing.
-        train_steps, train_batch, lr, router_lr, ratio_lr: the budget every trained model gets (the DiffCR
+        train_steps, train_batch, lr, router_lr, ratio_lr, lr_schedule: the budget every trained model gets (the DiffCR
             models and dense fine-tuned alike), on digit scenes: `T2IBenchRecipe`'s.
         guidance_scale: classifier-free guidance (PixArt's 4.5).
         sample_batch: prompts per pipeline call (timed and interleaved batch by batch).
@@ -120,6 +120,7 @@ class T2IFrontierRecipe(FrontierPlan):
     lr: float = T2IBenchRecipe.lr
     router_lr: float = T2IBenchRecipe.router_lr
     ratio_lr: float = T2IBenchRecipe.ratio_lr
+    lr_schedule: str = T2IBenchRecipe.lr_schedule
     guidance_scale: float = T2IBenchRecipe.guidance_scale
     sample_batch: int = T2IBenchRecipe.sample_batch
     num_prompts: int | None = T2IBenchRecipe.num_prompts
@@ -174,6 +175,7 @@ class T2IFrontierRecipe(FrontierPlan):
             lr=self.lr,
             router_lr=self.router_lr,
             ratio_lr=self.ratio_lr,
+            lr_schedule=self.lr_schedule,
             sampler_steps=self.sampler_steps,
             guidance_scale=self.guidance_scale,
             sample_batch=self.sample_batch,

@@ -132,6 +132,9 @@ def test_dropping_blocks_keeps_the_others_and_computes_the_model_without_them():
 def test_dropping_bad_blocks_is_refused(dropped, message):
     with pytest.raises(ValueError, match=message):
         drop_blocks(tiny_pixart(num_layers=4), dropped)
+
+
+def test_dropping_blocks_of_a_model_without_blocks_is_refused():
     with pytest.raises(ValueError, match="only PixArt transformers lose blocks"):
         drop_blocks(torch.nn.Linear(2, 2), [0])
 
@@ -165,11 +168,53 @@ def test_pretrain_cli_drops_blocks_and_writes_them_untrained_with_zero_steps(tin
     resumed = runner.invoke(app, [*base, "--steps", "2", "--batch-size", "2", "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert load_scene_pipeline(out / "pipeline").transformer.config.num_layers == depth - 1
+    # the same blocks again, without --init-from (the run knows where it started): accepted
+    again = ["pretrain", "--task", "t2i", "--drop-blocks", "0", "--steps", "3", "--batch-size", "2", "--out", str(out)]
+    assert runner.invoke(app, [*again, "--resume"]).exit_code == 0
+    # a run that dropped nothing cannot be resumed dropping blocks
+    plain = tmp_path / "plain"
+    no_drop = [*base, "--steps", "1", "--batch-size", "2", "--warmup-steps", "0", "--out", str(plain)]
+    assert runner.invoke(app, no_drop).exit_code == 0
+    late = runner.invoke(app, [*base, "--drop-blocks", "0", "--steps", "2", "--out", str(plain), "--resume"])
+    assert late.exit_code != 0 and "it started with no block dropped" in " ".join(late.output.split()), late.output
+
+
+def test_zero_steps_keep_the_source_text_encoder_layers_and_grow_too(tiny_scene_pipeline, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from diffcr.cli import app
+    from diffcr.models.scene_pipeline import TEXT_ENCODER_FILE, load_scene_pipeline, text_encoder_layers
+
+    # a source pipeline whose transformer learned on two MiniLM layers (the default is three)
+    source_dir = tmp_path / "two-layers"
+    shutil.copytree(tiny_scene_pipeline, source_dir)
+    (source_dir / TEXT_ENCODER_FILE).write_text(json.dumps({"num_hidden_layers": 2}))
+    runner = CliRunner()
+    base = ["pretrain", "--task", "t2i", "--init-from", str(source_dir), "--steps", "0"]
+    written = runner.invoke(app, [*base, "--drop-blocks", "0", "--out", str(tmp_path / "a")])
+    assert written.exit_code == 0, written.output
+    assert text_encoder_layers(tmp_path / "a" / "pipeline") == 2
+    other = runner.invoke(
+        app, [*base, "--drop-blocks", "0", "--text-encoder-layers", "3", "--out", str(tmp_path / "b")]
+    )
+    assert other.exit_code != 0 and "learned on 2 text encoder layers" in " ".join(other.output.split())
+    assert not (tmp_path / "b").exists()
+    # --steps 0 with --num-layers writes the grown transformer untrained
+    source = load_scene_pipeline(tiny_scene_pipeline).transformer
+    depth = source.config.num_layers
+    grown = runner.invoke(app, [*base, "--num-layers", str(depth + 2), "--out", str(tmp_path / "c")])
+    assert grown.exit_code == 0, grown.output
+    check_grown_matches(source, load_scene_pipeline(tmp_path / "c" / "pipeline").transformer, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--steps", "0"], "give --init-from"),
+     (["--steps", "0", "--init-from", "x", "--resume"], "leave out --resume"),
+     (["--steps", "0", "--init-from", "x", "--average-from", "1"], "and --average-from"),
+     (["--steps", "0", "--init-from", "x", "--token-bypass", "0.5"], "--steps 0 trains nothing"),
      (["--drop-blocks", "0", "--steps", "1"], "give --init-from"),
      (["--drop-blocks", "a,b", "--steps", "1"], "must be block indices")],
 )  # fmt: skip
@@ -190,7 +235,10 @@ def test_pretrain_cli_refuses_dropping_and_growing_at_once(tiny_scene_pipeline, 
 
     from diffcr.cli import app
 
-    args = ["pretrain", "--task", "t2i", "--init-from", str(tiny_scene_pipeline), "--drop-blocks", "0",
-            "--num-layers", "6", "--steps", "0", "--out", str(tmp_path / "x")]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code != 0 and "do one, then the other" in " ".join(result.output.split()), result.output
+    for depth in ("12", "8", "6"):  # deeper than, as deep as and shallower than the source: all refused
+        args = ["pretrain", "--task", "t2i", "--init-from", str(tiny_scene_pipeline), "--drop-blocks", "0",
+                "--num-layers", depth, "--steps", "0", "--out", str(tmp_path / "x")]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        message = " ".join(result.output.split())
+        assert result.exit_code != 0 and f"num_layers={depth} and dropping blocks [0] at once" in message, message
+        assert not (tmp_path / "x").exists()

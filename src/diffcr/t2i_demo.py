@@ -38,8 +38,8 @@ class T2IDemoRecipe:
     # weighs more than the class-conditional demo's 0.3 to keep the same balance
     ratio_loss_weight: float = 2.0
     mode: str = "full"
-    # 400 steps with every learning rate (the kept ratios' too) decaying to 0: on the 8-block bases 7-9 points more
-    # than 200 constant-rate steps in three runs out of three, and the run ends on a settled schedule; 200 steps
+    # 400 steps with every learning rate (the kept ratios' too) decaying to 0: on the 8-block bases 4-18 points more
+    # than 200 constant-rate steps in each of four comparisons, and the run ends on a settled schedule; 200 steps
     # at a constant rate left the kept ratio 0.03 over its target, and longer constant-rate runs diverge
     # (docs/RESULTS.md)
     steps: int = 400
@@ -70,6 +70,7 @@ class T2IDemoRecipe:
         for name in ("steps", "batch_size", "sampler_steps", "sample_batch_size", "num_reference", "average_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        self.diffcr_config()  # the DiffCR fields (bins, target, regions) are checked now, not when training starts
 
     def train_config(self, seed: int = 0):
         """Fine-tuning weighs the diffusion loss as pretraining did (a plain MSE would undo what the noisy

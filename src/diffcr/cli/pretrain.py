@@ -39,7 +39,9 @@ def pretrain(
     ),
     out: Path = typer.Option(Path("runs/pretrain"), help="run directory (checkpoints, metrics, model/)"),
     data: str = typer.Option("mnist5k", help="'mnist5k' (bundled) or an image folder with one subfolder per class"),
-    steps: int = typer.Option(6000, help="optimizer steps"),
+    steps: int = typer.Option(
+        6000, help="optimizer steps; --task t2i with --init-from: 0 writes its transformer (grown or pruned) untrained"
+    ),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-3),
     warmup_steps: int = typer.Option(200),
@@ -238,7 +240,9 @@ def _pretrain_t2i(out, num_layers, width, vae_steps, text_encoder_layers, start,
             "--steps 0 writes the transformer of --init-from as it starts (grown by --num-layers or with "
             "--drop-blocks), without training: give --init-from, and leave out --resume and --average-from"
         )
-    if drop_blocks and init_from is None:
+    if run.steps == 0 and (token_bypass or focus_digits or focus_fraction):
+        raise ValueError("--token-bypass and --focus-* shape training, and --steps 0 trains nothing: leave them out")
+    if drop_blocks and init_from is None and not run.resume:  # a resumed run knows its init_from
         raise ValueError(
             f"--drop-blocks {','.join(map(str, drop_blocks))} drops blocks of --init-from's transformer: give "
             "--init-from"
@@ -320,7 +324,7 @@ def _parse_blocks(text: str | None) -> tuple[int, ...]:
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts or not all(part.isdigit() for part in parts):
         raise ValueError(f"--drop-blocks {text!r} must be block indices (0-based) separated by commas, e.g. '2,5,8,11'")
-    return tuple(int(part) for part in parts)
+    return tuple(sorted(int(part) for part in parts))  # a repeated block stays, for drop_blocks to name
 
 
 def _parse_digits(text: str | None) -> tuple[int, ...]:

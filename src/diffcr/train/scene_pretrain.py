@@ -80,22 +80,26 @@ def pretrain_scene_pipeline(
 
     out = Path(out)
     run_dir = out / "transformer_run"
+    if steps == 0:
+        if init_from is None or resume or average_from:
+            raise ValueError(
+                "steps=0 writes the transformer of init_from as it starts (grown or with blocks dropped), without "
+                "training: give init_from, no resume and no average_from, or steps >= 1"
+            )
+        text_encoder_layers = _untrained_text_encoder_layers(Path(init_from), text_encoder_layers)
     text_encoder_layers, init_from, drop_blocks = _resumed_choices(
         run_dir, resume, text_encoder_layers, init_from, tuple(drop_blocks)
     )
-    if steps == 0 and (init_from is None or resume):
-        raise ValueError(
-            "steps=0 writes the transformer of init_from as it starts (grown or with blocks dropped), without "
-            "training: give init_from and no resume, or steps >= 1"
-        )
     if drop_blocks and init_from is None:
         raise ValueError(f"drop_blocks {list(drop_blocks)} drops blocks of init_from's transformer: give init_from")
     if init_from is not None:
         vae_dir, transformer = _start_from_pipeline(Path(init_from), transformer_overrides, drop_blocks)
         if steps == 0:
-            return _write_pipeline(
+            pipeline_dir = _write_pipeline(
                 out / "pipeline", transformer, AutoencoderKL.from_pretrained(vae_dir), text_encoder_layers
             )
+            logger.info("wrote %s's transformer untrained (steps=0) to %s", init_from, pipeline_dir)
+            return pipeline_dir
     else:
         vae_dir = out / "vae_run" / "vae"
         if not (vae_dir / "config.json").is_file():
@@ -147,6 +151,22 @@ def pretrain_scene_pipeline(
     return pipeline_dir
 
 
+def _untrained_text_encoder_layers(init_from: Path, asked: int | None) -> int:
+    """The text encoder layers of a pipeline written untrained from `init_from`: its own, since its transformer
+    learned on them (another count is refused)."""
+    from diffcr.models.scene_pipeline import is_scene_pipeline_folder, text_encoder_layers
+
+    if not is_scene_pipeline_folder(init_from):
+        return asked  # `_start_from_pipeline` says what is wrong with the folder
+    own = text_encoder_layers(init_from)
+    if asked is not None and asked != own:
+        raise ValueError(
+            f"steps=0 keeps the transformer of {init_from} untrained, and it learned on {own} text encoder layers, "
+            f"not {asked}: leave the option out, or train (steps >= 1) to move it to {asked}"
+        )
+    return own
+
+
 def _write_pipeline(pipeline_dir: Path, transformer, vae, text_encoder_layers: int) -> Path:
     """The pipeline folder in the default's layout (the text encoder is named, not stored)."""
     from diffcr.models.scene_pipeline import build_scene_scheduler, write_model_index
@@ -195,11 +215,12 @@ def _resumed_choices(
                 "init_from to go on with it, or start a new run"
             )
         init_from = saved.get("init_from") if init_from is None else init_from
-        started_drop = tuple(saved.get("drop_blocks", ()))
-        if drop_blocks and drop_blocks != started_drop:
+        started_drop = tuple(sorted(saved.get("drop_blocks", ())))
+        if drop_blocks and tuple(sorted(drop_blocks)) != started_drop:
+            started = f"dropping {list(started_drop)}" if started_drop else "with no block dropped"
             raise ValueError(
-                f"cannot resume {run_dir} dropping blocks {list(drop_blocks)}: it started dropping "
-                f"{list(started_drop)}; leave the option out to go on as it started, or start a new run"
+                f"cannot resume {run_dir} dropping blocks {sorted(drop_blocks)}: it started {started}; leave the "
+                "option out to go on as it started, or start a new run"
             )
         drop_blocks = started_drop
     layers = check_text_encoder_layers(TEXT_ENCODER_LAYERS if text_encoder_layers is None else text_encoder_layers)
@@ -221,6 +242,11 @@ def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None, dr
             "naming MiniLM, transformer/ and vae/ subfolders), as `diffcr pretrain --task t2i` writes to OUT/pipeline"
         )
     transformer = PixArtTransformer2DModel.from_pretrained(init_from / "transformer")
+    if dropped and (transformer_overrides or {}).get("num_layers") is not None:
+        raise ValueError(
+            f"num_layers={transformer_overrides['num_layers']} and dropping blocks {list(dropped)} at once: drop "
+            "the blocks, then grow or drop more in a second run"
+        )
     changed = {k: v for k, v in (transformer_overrides or {}).items() if transformer.config.get(k) != v}
     grown_layers = changed.pop("num_layers", None)
     if changed:
@@ -229,11 +255,6 @@ def _start_from_pipeline(init_from: Path, transformer_overrides: dict | None, dr
             f"drop the overrides {changed}"
         )
     if dropped:
-        if grown_layers is not None:
-            raise ValueError(
-                f"dropping blocks {list(dropped)} and growing to {grown_layers} blocks at once: do one, then the "
-                "other in a second run"
-            )
         source_layers = transformer.config.num_layers
         transformer = drop_blocks(transformer, dropped)
         logger.info("dropped blocks %s of the %d of %s's transformer", list(dropped), source_layers, init_from)

@@ -86,9 +86,8 @@ def pretrain(
     ),
     drop_blocks: str = typer.Option(
         None,
-        help="--task t2i, with --init-from: blocks (0-based, e.g. '2,5,8,11') its transformer loses before training; "
-        "with --steps 0 the pipeline is written without training (how the shipped transformer lost its four grown "
-        "copies, which added nothing)",
+        help="--task t2i, with --init-from: blocks (0-based, e.g. '2,5,8,11') its transformer loses before training "
+        "(--steps 0: written untrained, as the shipped transformer lost its four grown copies)",
     ),
     token_bypass: float = typer.Option(
         None,
@@ -146,19 +145,19 @@ def pretrain(
         )
         return
     # 1. every option is checked before anything is loaded or written
-    t2i_only = {
-        "--width": width,
-        "--text-encoder-layers": text_encoder_layers,
-        "--init-from": init_from,
-        "--drop-blocks": drop_blocks,
-        "--token-bypass": token_bypass,
-        "--focus-digits": focus_digits,
-        "--focus-fraction": focus_fraction,
-    }
-    for name, value in t2i_only.items():
+    _refuse_t2i_only(
+        {"--width": width, "--text-encoder-layers": text_encoder_layers, "--init-from": init_from,
+         "--drop-blocks": drop_blocks, "--token-bypass": token_bypass, "--focus-digits": focus_digits,
+         "--focus-fraction": focus_fraction}
+    )  # fmt: skip
+    _pretrain_class(out, data, 8 if num_layers is None else num_layers, image_size, channels, mixed_precision, run)
+
+
+def _refuse_t2i_only(options: dict) -> None:
+    """A ValueError naming the first text-to-image option given (not None) to --task class."""
+    for name, value in options.items():
         if value is not None:
             raise ValueError(f"{name} belongs to --task t2i (the text-to-image transformer); leave it out here")
-    _pretrain_class(out, data, 8 if num_layers is None else num_layers, image_size, channels, mixed_precision, run)
 
 
 def _pretrain_class(out, data, num_layers, image_size, channels, mixed_precision, run: _RunOptions):

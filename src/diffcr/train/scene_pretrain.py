@@ -64,9 +64,8 @@ def pretrain_scene_pipeline(
     of its weights at every checkpoint step from this one on and at the last step (`TrainConfig.average_from`), as
     the shipped one is. `lr_schedule`: `TrainConfig.lr_schedule`.
 
-    `drop_blocks`: with `init_from`, the blocks (0-based) its transformer loses before training
-    (`diffcr.models.growth.drop_blocks`), as the shipped one lost its four grown copies. With `init_from`, `steps=0`
-    writes the starting transformer (grown or with blocks dropped) as it is, without training.
+    `drop_blocks`: blocks (0-based) init_from's transformer loses first (`diffcr.models.growth.drop_blocks`).
+    With `init_from`, `steps=0` writes the starting transformer (grown or with blocks dropped) untrained.
     """
     from diffusers import AutoencoderKL
 
@@ -76,7 +75,6 @@ def pretrain_scene_pipeline(
     from diffcr.train.config import TrainConfig
     from diffcr.train.loop import train
     from diffcr.train.scene_conditioning import SceneConditioning
-    from diffcr.train.vae import train_scene_vae
 
     out = Path(out)
     run_dir = out / "transformer_run"
@@ -86,7 +84,9 @@ def pretrain_scene_pipeline(
                 "steps=0 writes the transformer of init_from as it starts (grown or with blocks dropped), without "
                 "training: give init_from, no resume and no average_from, or steps >= 1"
             )
-        text_encoder_layers = _untrained_text_encoder_layers(Path(init_from), text_encoder_layers)
+        return _write_untrained(
+            out / "pipeline", Path(init_from), transformer_overrides, drop_blocks, text_encoder_layers
+        )
     text_encoder_layers, init_from, drop_blocks = _resumed_choices(
         run_dir, resume, text_encoder_layers, init_from, tuple(drop_blocks)
     )
@@ -94,18 +94,8 @@ def pretrain_scene_pipeline(
         raise ValueError(f"drop_blocks {list(drop_blocks)} drops blocks of init_from's transformer: give init_from")
     if init_from is not None:
         vae_dir, transformer = _start_from_pipeline(Path(init_from), transformer_overrides, drop_blocks)
-        if steps == 0:
-            pipeline_dir = _write_pipeline(
-                out / "pipeline", transformer, AutoencoderKL.from_pretrained(vae_dir), text_encoder_layers
-            )
-            logger.info("wrote %s's transformer untrained (steps=0) to %s", init_from, pipeline_dir)
-            return pipeline_dir
     else:
-        vae_dir = out / "vae_run" / "vae"
-        if not (vae_dir / "config.json").is_file():
-            train_scene_vae(
-                out / "vae_run", steps=vae_steps, batch_size=batch_size, seed=seed, resume=resume, progress=progress
-            )
+        vae_dir = _trained_scene_vae(out / "vae_run", vae_steps, batch_size, seed, resume, progress)
         transformer = build_scene_transformer(**(transformer_overrides or {}))
     vae = AutoencoderKL.from_pretrained(vae_dir)
     tokenizer, text_encoder = load_text_encoder(text_encoder_layers)
@@ -151,20 +141,35 @@ def pretrain_scene_pipeline(
     return pipeline_dir
 
 
-def _untrained_text_encoder_layers(init_from: Path, asked: int | None) -> int:
-    """The text encoder layers of a pipeline written untrained from `init_from`: its own, since its transformer
-    learned on them (another count is refused)."""
-    from diffcr.models.scene_pipeline import is_scene_pipeline_folder, text_encoder_layers
+def _trained_scene_vae(run_dir: Path, steps: int, batch_size: int, seed: int, resume: bool, progress: bool) -> Path:
+    """The folder of the scene VAE trained in `run_dir`, trained (or resumed) first unless it is there."""
+    from diffcr.train.vae import train_scene_vae
 
-    if not is_scene_pipeline_folder(init_from):
-        return asked  # `_start_from_pipeline` says what is wrong with the folder
-    own = text_encoder_layers(init_from)
-    if asked is not None and asked != own:
+    vae_dir = run_dir / "vae"
+    if not (vae_dir / "config.json").is_file():
+        train_scene_vae(run_dir, steps=steps, batch_size=batch_size, seed=seed, resume=resume, progress=progress)
+    return vae_dir
+
+
+def _write_untrained(
+    pipeline_dir: Path, init_from: Path, transformer_overrides: dict | None, dropped, asked_layers: int | None
+) -> Path:
+    """`pretrain_scene_pipeline` with steps=0: `init_from`'s transformer as it starts (grown or with blocks
+    dropped), untrained, on the text encoder layers it learned on (another count is refused)."""
+    from diffusers import AutoencoderKL
+
+    from diffcr.models.scene_pipeline import text_encoder_layers
+
+    vae_dir, transformer = _start_from_pipeline(init_from, transformer_overrides, tuple(dropped))
+    own_layers = text_encoder_layers(init_from)
+    if asked_layers is not None and asked_layers != own_layers:
         raise ValueError(
-            f"steps=0 keeps the transformer of {init_from} untrained, and it learned on {own} text encoder layers, "
-            f"not {asked}: leave the option out, or train (steps >= 1) to move it to {asked}"
+            f"steps=0 keeps the transformer of {init_from} untrained, and it learned on {own_layers} text encoder "
+            f"layers, not {asked_layers}: leave the option out, or train (steps >= 1) to move it to {asked_layers}"
         )
-    return own
+    _write_pipeline(pipeline_dir, transformer, AutoencoderKL.from_pretrained(vae_dir), own_layers)
+    logger.info("wrote %s's transformer untrained (steps=0) to %s", init_from, pipeline_dir)
+    return pipeline_dir
 
 
 def _write_pipeline(pipeline_dir: Path, transformer, vae, text_encoder_layers: int) -> Path:

@@ -155,3 +155,33 @@ def test_trained_variants_take_the_demo_budget_and_schedule():
             demo.lr_schedule,
         )
     assert T2IBenchRecipe(lr_schedule="constant").train_config(dense=False).lr_schedule == "constant"
+
+
+@pytest.mark.parametrize(
+    ("only", "module", "runner_name"),
+    [("all", "diffcr.t2i_bench", "run_t2i_bench"), ("frontier", "diffcr.t2i_frontier", "run_t2i_frontier")],
+)
+@pytest.mark.parametrize("paper_routing", [False, True])
+def test_paper_routing_flag_reaches_the_recipe(tmp_path, monkeypatch, only, module, runner_name, paper_routing):
+    import importlib
+
+    seen = {}
+
+    def fake_run(out, recipe, base):
+        seen["recipe"] = recipe
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("table\n")
+        return {"seconds": 0.0}
+
+    monkeypatch.setattr(importlib.import_module(module), runner_name, fake_run)
+    args = ["bench", "--task", "t2i", "--only", only, "--quick", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args + ["--paper-routing"] * paper_routing)
+    assert result.exit_code == 0, result.output
+    # the paper's routing: bypassed tokens skip cross-attention too; the default is the demo's
+    assert seen["recipe"].route_cross_attention is paper_routing
+
+
+def test_paper_routing_is_refused_for_the_class_task(tmp_path):
+    result = runner.invoke(app, ["bench", "--paper-routing", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--paper-routing belongs to --task t2i" in result.output
+    assert not (tmp_path / "a").exists()

@@ -38,6 +38,13 @@ def bench(
         None, help="instead of running: copy the results of this bench folder into --results-md and its images"
     ),
     results_md: Path = typer.Option(Path("docs/RESULTS.md"), help="the Markdown file --publish writes into"),
+    paper_routing: bool = typer.Option(
+        False,
+        "--paper-routing",
+        help="--task t2i: every routed method lets the tokens a block bypasses skip all of it, cross-attention "
+        "included (the paper's routing); by default they still get each block's cross-attention, as the demo's "
+        "DiffCR does (docs/METHOD.md section 1)",
+    ),
 ) -> None:
     """Measure everything side by side and write results.json, results.md and plots (--task t2i: every method on
     the text-to-image default, judged by prompt accuracy; --only frontier: quality against measured speedup for
@@ -46,6 +53,11 @@ def bench(
     from diffcr.harness import publish as publish_results
     from diffcr.harness import run_bench
 
+    if paper_routing and task != "t2i":
+        raise ValueError(
+            "--paper-routing belongs to --task t2i: the class-conditional DiT has no cross-attention, so its "
+            "routed blocks already follow the paper (bypassed tokens skip the whole block)"
+        )
     if publish is not None:
         if not publish.is_dir() or not any((publish / name).is_file() for name in ("results.json", "results.md")):
             raise FileNotFoundError(
@@ -64,9 +76,9 @@ def bench(
                 "--quick, --base and --only frontier"
             )
         if only == "frontier":
-            _bench_t2i_frontier(out, quick, "t2i" if base == "default" else base)
+            _bench_t2i_frontier(out, quick, "t2i" if base == "default" else base, paper_routing)
         else:
-            _bench_t2i(out, quick, "t2i" if base == "default" else base)
+            _bench_t2i(out, quick, "t2i" if base == "default" else base, paper_routing)
         return
     if only not in ("all", "scaling", "train", "compare", "frontier"):
         raise ValueError(f"--only {only!r}: use 'all', 'scaling', 'train', 'compare' or 'frontier'")
@@ -88,9 +100,10 @@ def bench(
     typer.echo(f"whole bench {result.seconds / 60:.1f} min; results in {out}")
 
 
-def _bench_t2i(out: Path | None, quick: bool, base: str) -> None:
+def _bench_t2i(out: Path | None, quick: bool, base: str, paper_routing: bool = False) -> None:
     """Run `diffcr.t2i_bench.run_t2i_bench` into `out` and print its table."""
     import time
+    from dataclasses import replace
 
     from diffcr.checkpoint import check_writable_dir
     from diffcr.t2i_bench import T2IBenchRecipe, run_t2i_bench
@@ -98,6 +111,8 @@ def _bench_t2i(out: Path | None, quick: bool, base: str) -> None:
     out = out or Path("runs") / time.strftime("bench-t2i-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--out")
     recipe = T2IBenchRecipe.quick() if quick else T2IBenchRecipe()
+    if paper_routing:
+        recipe = replace(recipe, route_cross_attention=True)
     result = run_t2i_bench(out, recipe, base=base)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"whole text-to-image bench {result['seconds'] / 60:.1f} min; results in {out}")
@@ -116,10 +131,11 @@ def _bench_frontier(out: Path, quick: bool, base: str | None) -> None:
     typer.echo(f"whole frontier {result['seconds'] / 60:.1f} min; results in {out}")
 
 
-def _bench_t2i_frontier(out: Path | None, quick: bool, base: str) -> None:
+def _bench_t2i_frontier(out: Path | None, quick: bool, base: str, paper_routing: bool = False) -> None:
     """Print what the text-to-image frontier will cost, run `diffcr.t2i_frontier.run_t2i_frontier` into `out`,
     print its table."""
     import time
+    from dataclasses import replace
 
     from diffcr.checkpoint import check_writable_dir
     from diffcr.t2i_frontier import T2IFrontierRecipe, run_t2i_frontier
@@ -127,6 +143,8 @@ def _bench_t2i_frontier(out: Path | None, quick: bool, base: str) -> None:
     out = out or Path("runs") / time.strftime("frontier-t2i-%Y%m%d-%H%M%S")
     check_writable_dir(out, "--out")
     recipe = T2IFrontierRecipe.quick() if quick else T2IFrontierRecipe()
+    if paper_routing:
+        recipe = replace(recipe, route_cross_attention=True)
     typer.echo(
         _frontier_estimate("text-to-image frontier", recipe, "prompt accuracy's spread")
         + ("" if quick else "; several hours on 2 CPU cores (a 20-point run took over 90 minutes on one thread)")

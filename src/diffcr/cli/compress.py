@@ -11,6 +11,11 @@ import typer
 from diffcr.cli import app
 from diffcr.cli.common import TRANSFORMER_HELP, TRANSFORMER_SUBFOLDER_HELP, friendly_errors
 
+ROUTER_LR_HELP = (
+    "the routers' learning rate; for runs past a few hundred steps try 1e-4: at 1e-3 the routers grew and training "
+    "diverged after about 300 steps on the text-to-image default (docs/RESULTS.md)"
+)
+
 
 @app.command()
 @friendly_errors
@@ -44,11 +49,7 @@ def compress(
     steps: int = typer.Option(120),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-4, help="base (or LoRA) learning rate"),
-    router_lr: float = typer.Option(
-        1e-3,
-        help="the routers' learning rate; for runs past a few hundred steps try 1e-4: at 1e-3 the routers grew and "
-        "training diverged after about 300 steps on the text-to-image default (docs/RESULTS.md)",
-    ),
+    router_lr: float = typer.Option(1e-3, help=ROUTER_LR_HELP),
     ratio_lr: float = typer.Option(1e-2),
     weight_decay: float = typer.Option(0.0, help="for base and routers; kept ratios are never decayed"),
     grad_clip: float = typer.Option(1.0, help="clip the gradient norm to this (0 = no clipping; the authors: 0.01)"),

@@ -57,6 +57,8 @@ def compressed(pretrained):
         "0.5",
         "--ratio-lr",
         "0.2",
+        "--freeze-schedule-at",
+        "1",
     )
     assert result.exit_code == 0, result.output
     return out
@@ -81,6 +83,7 @@ def test_compress_writes_artifact_and_model(compressed):
     assert (compressed / "model" / "diffcr" / "diffcr_weights.safetensors").is_file()
     description = json.loads((compressed / "artifact" / "diffcr_config.json").read_text())
     assert description["frozen"] and description["config"]["target_kept_ratio"] == 0.5
+    assert json.loads((compressed / "run.json").read_text())["train"]["freeze_schedule_at"] == 1
     rows = [json.loads(line) for line in (compressed / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "diffusion_loss", "ratio_loss", "mean_kept_ratio", "seconds"} <= set(rows[-1])
 

@@ -262,3 +262,88 @@ def test_cosine_lr_schedule_decays_every_group_to_zero(tmp_path):
     last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor of the last update (step 3 of 4)
     for group in described["param_groups"]:
         assert group["lr"] == pytest.approx(group["initial_lr"] * last), group["name"]
+
+
+def _count_block_passes(monkeypatch) -> list[int]:
+    """Patch the adapters' `routed_forward` to count its calls (one per pass of a routed block)."""
+    import diffcr.adapters.base as adapter_base
+
+    calls = []
+    real = adapter_base.routed_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_base, "routed_forward", counting)
+    return calls
+
+
+def test_freeze_schedule_at_fixes_the_ratios_and_keeps_training_the_routers(tmp_path, monkeypatch):
+    regions = diffcr.DiffCRConfig(target_kept_ratio=0.4, timestep_regions=2)
+
+    def run(name: str, steps: int, resume: bool = False):
+        cfg = config(mode="full", steps=steps, ratio_lr=0.2, freeze_schedule_at=min(steps, 3))
+        done = train(tmp_path / name, tiny_base(), tiny_data(), cfg, regions, resume=resume, progress=False)
+        return {key: tensor.detach().clone() for key, tensor in done.model.named_parameters()}, done.model
+
+    table = "diffcr.kept_ratio"
+    at_2, _ = run("two", 2)
+    at_3, _ = run("run", 3)
+    calls = _count_block_passes(monkeypatch)
+    at_5, model = run("run", 5, resume=True)
+    # the ratios learned until step 3, then stayed exactly where they were; they run snapped to their bins
+    assert not torch.equal(at_2[table], at_3[table])
+    assert torch.equal(at_3[table], at_5[table])
+    assert diffcr.is_frozen(model)
+    bins = model.diffcr.config.ratio_bins
+    expected = [[min(bins, key=lambda b, v=v: abs(b - v)) for v in row] for row in at_3[table].tolist()]
+    assert model.diffcr.frozen_schedule == expected == diffcr.schedule(model).kept_ratio
+    assert min(min(row) for row in expected) < 1.0
+    # the routers and the weights went on training
+    changed = [name for name in at_3 if not torch.equal(at_3[name], at_5[name])]
+    assert set(changed) == set(at_3) - {table}
+    # training at the fixed schedule runs one pass per routed block (the blended steps ran two)
+    assert len(calls) > 0
+    calls.clear()
+    model.zero_grad(set_to_none=True)
+    batch = tiny_data()
+    timestep = torch.tensor([10, 20])  # both in region 0 of 2
+    model(batch.images[:2], timestep=timestep, class_labels=batch.labels[:2]).sample.square().mean().backward()
+    assert model.training and len(calls) == sum(1 for row in expected if row[0] < 1.0)
+    assert model.diffcr.kept_ratio.grad is None  # the table is out of the forward
+    assert model.diffcr.routers[0].weight.grad is not None
+
+
+def test_freeze_schedule_at_resumes_bit_for_bit(tmp_path):
+    regions = diffcr.DiffCRConfig(target_kept_ratio=0.4, timestep_regions=2)
+    straight = train(
+        tmp_path / "a", tiny_base(), tiny_data(), config(mode="full", steps=4, freeze_schedule_at=2),
+        diffcr_config=regions, progress=False,
+    )  # fmt: skip
+    train(
+        tmp_path / "b", tiny_base(), tiny_data(), config(mode="full", steps=2, freeze_schedule_at=2),
+        diffcr_config=regions, progress=False,
+    )  # fmt: skip
+    resumed = train(
+        tmp_path / "b", tiny_base(seed=5), tiny_data(), config(mode="full", steps=4, freeze_schedule_at=2),
+        diffcr_config=regions, resume=True, progress=False,
+    )  # fmt: skip
+    assert resumed.model.diffcr.frozen_schedule == straight.model.diffcr.frozen_schedule
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in rows(tmp_path / "b")] == [r["loss"] for r in rows(tmp_path / "a")]
+    with pytest.raises(ValueError, match=r"differs in \['freeze_schedule_at'\]"):
+        train(
+            tmp_path / "b", tiny_base(), tiny_data(), config(mode="full", steps=6, freeze_schedule_at=3),
+            diffcr_config=regions, resume=True, progress=False,
+        )  # fmt: skip
+
+
+def test_freeze_schedule_at_is_checked():
+    with pytest.raises(ValueError, match="freeze_schedule_at=5 is after the last step"):
+        config(steps=4, freeze_schedule_at=5)
+    with pytest.raises(ValueError, match="freeze_schedule_at fixes DiffCR's kept ratios"):
+        config(mode="pretrain", freeze_schedule_at=2)
+    with pytest.raises(ValueError, match=r"freeze_schedule_at=-1 is outside"):
+        config(freeze_schedule_at=-1)

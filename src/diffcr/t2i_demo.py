@@ -60,6 +60,9 @@ class T2IDemoRecipe:
     # (`TrainConfig.average_from`); 0 keeps the last weights
     average_from: int = 0
     average_every: int = 10
+    # > 0: the kept ratios snap to their bins after this many steps and stay; the rest of the run trains the
+    # weights and routers at that schedule, one pass per block, at about half a blended step's cost
+    freeze_schedule_at: int = 0
     sampler_steps: int = 20
     guidance_scale: float = 4.5
     sample_batch_size: int = 10
@@ -70,7 +73,10 @@ class T2IDemoRecipe:
         for name in ("steps", "batch_size", "sampler_steps", "sample_batch_size", "num_reference", "average_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        self.diffcr_config()  # the DiffCR fields (bins, target, regions) are checked now, not when training starts
+        # the DiffCR and training fields (bins, target, regions, the step that fixes the schedule) are checked
+        # now, not when training starts
+        self.diffcr_config()
+        self.train_config()
 
     def train_config(self, seed: int = 0):
         """Fine-tuning weighs the diffusion loss as pretraining did (a plain MSE would undo what the noisy
@@ -89,6 +95,7 @@ class T2IDemoRecipe:
             lr_schedule=self.lr_schedule,
             checkpoint_every=self.average_every if self.average_from else self.steps,
             average_from=self.average_from,
+            freeze_schedule_at=self.freeze_schedule_at,
             seed=seed,
             snr_gamma=PRETRAIN_SNR_GAMMA,
             snr_weighting=PRETRAIN_SNR_WEIGHTING,
@@ -120,17 +127,28 @@ class T2IDemoRecipe:
 @dataclass(frozen=True)
 class T2IDemoEstimate:
     steps: int
-    seconds_per_step: float
+    seconds_per_step: float  # a step with learnable kept ratios (two blended passes per block)
     sampling_seconds: float
+    fixed_steps: int = 0  # the steps after `freeze_schedule_at`: one pass per block
+    seconds_per_fixed_step: float = 0.0
+
+    @property
+    def training_seconds(self) -> float:
+        return (self.steps - self.fixed_steps) * self.seconds_per_step + self.fixed_steps * self.seconds_per_fixed_step
 
     @property
     def total_seconds(self) -> float:
-        return self.steps * self.seconds_per_step + self.sampling_seconds
+        return self.training_seconds + self.sampling_seconds
 
     def describe(self) -> str:
+        per_step = f"{self.seconds_per_step:.2f} s/step"
+        if self.fixed_steps:
+            per_step = (
+                f"{self.steps - self.fixed_steps} steps at {self.seconds_per_step:.2f} s, then {self.fixed_steps} at "
+                f"the fixed schedule at {self.seconds_per_fixed_step:.2f} s"
+            )
         return (
-            f"training {self.steps} steps, about {self.steps * self.seconds_per_step / 60:.1f} min on this machine "
-            f"({self.seconds_per_step:.2f} s/step)\n"
+            f"training {self.steps} steps, about {self.training_seconds / 60:.1f} min on this machine ({per_step})\n"
             f"then sampling, judging and the report, about {self.sampling_seconds / 60:.1f} min; "
             f"whole demo about {self.total_seconds / 60:.1f} min"
         )
@@ -142,7 +160,8 @@ SAMPLING_PASSES = 2.2
 
 
 def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: int, seed: int = 0) -> T2IDemoEstimate:
-    """Time two training steps (the second counts) and one sampling call of the evaluation batch size.
+    """Time two training steps (the second counts), a third at the fixed schedule when the recipe fixes it,
+    and one sampling call of the evaluation batch size.
 
     The probe trains at the target kept ratio: the run's ratios start at 1.0 but reach the target within a few
     dozen steps, and a probe at 1.0 timed a dense step, which overstated the training time by about 1.5x."""
@@ -150,7 +169,10 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
     from diffcr.text_to_image import sample_prompts
     from diffcr.train import train
 
-    cfg = replace(recipe, steps=2, average_from=0).train_config(seed)
+    fixed_steps = recipe.steps - recipe.freeze_schedule_at if recipe.freeze_schedule_at else 0
+    probe_steps = 3 if fixed_steps else 2
+    cfg = replace(recipe, steps=probe_steps, average_from=0, freeze_schedule_at=2 if fixed_steps else 0)
+    cfg = cfg.train_config(seed)
     with tempfile.TemporaryDirectory(prefix="diffcr-probe-") as scratch:
         train(
             Path(scratch) / "run",
@@ -163,6 +185,7 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
         )
         rows = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
     seconds_per_step = rows[1]["seconds"] - rows[0]["seconds"]
+    seconds_per_fixed_step = rows[2]["seconds"] - rows[1]["seconds"] if fixed_steps else 0.0
     sample_cfg = replace(recipe.sample_config(seed), steps=2)
     prompts = ["a 1 on the left"] * recipe.sample_batch_size
     sample_prompts(pipe, prompts[:1], sample_cfg)
@@ -171,7 +194,7 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
     per_step = (time.perf_counter() - begin) / 2
     batches = math.ceil(num_prompts / recipe.sample_batch_size)
     sampling = SAMPLING_PASSES * batches * recipe.sampler_steps * per_step
-    return T2IDemoEstimate(recipe.steps, seconds_per_step, sampling)
+    return T2IDemoEstimate(recipe.steps, seconds_per_step, sampling, fixed_steps, seconds_per_fixed_step)
 
 
 def router_stroke_agreement(pipe, prompts: list[str], cfg) -> dict:

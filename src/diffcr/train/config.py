@@ -30,6 +30,7 @@ INT_LIMITS = {
     "seed": (0, SEED_LIMIT - 1, "seeds are 32-bit"),
     "num_threads": (1, 4096, "CPU threads per process"),
     "average_from": (0, 10**8, "the first step whose weights join the average, or 0 for no average"),
+    "freeze_schedule_at": (0, 10**8, "the step after which the kept ratios stay at their bins, or 0 for never"),
 }
 
 
@@ -96,6 +97,10 @@ class TrainConfig:
     # `checkpoint_every` from this step on and at the step it ends on (`diffcr.train.averaging`); the checkpoints
     # hold the weights as trained, and the running mean beside them
     average_from: int = 0
+    # > 0: after this many steps the kept-ratio table snaps to its nearest bins and stays there; the routers and
+    # the weights go on training at that schedule with one pass per block, as at inference, instead of the two
+    # blended passes a learnable ratio needs (about half the step's cost at kept 0.5; docs/RESULTS.md)
+    freeze_schedule_at: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -137,6 +142,16 @@ class TrainConfig:
             raise ValueError(
                 "average_from does not work with mode 'lora': the mean of LoRA's two factors is not the mean of the "
                 "weight change they make; use mode 'full' or 'routers', or average_from=0"
+            )
+        if self.freeze_schedule_at > self.steps:
+            raise ValueError(
+                f"freeze_schedule_at={self.freeze_schedule_at} is after the last step ({self.steps}): the schedule "
+                f"would never be fixed; give a step in 1..{self.steps}, or 0 to let the kept ratios learn throughout"
+            )
+        if self.freeze_schedule_at and self.mode == "pretrain":
+            raise ValueError(
+                "freeze_schedule_at fixes DiffCR's kept ratios: use a DiffCR mode (routers, lora or full), or 0 when "
+                "pretraining"
             )
         if self.distill and self.mode == "pretrain":
             raise ValueError("distill needs a DiffCR mode (routers, lora or full): pretraining has no teacher")

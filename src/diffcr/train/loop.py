@@ -248,6 +248,19 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_fixed_at(step: int, cfg: TrainConfig) -> bool:
+    """Whether the kept ratios are fixed at their bins once `step` steps are done (`TrainConfig.freeze_schedule_at`)."""
+    return 0 < cfg.freeze_schedule_at <= step
+
+
+def fix_schedule(model) -> None:
+    """Snap the kept-ratio table to its nearest bins and run that schedule from now on, one pass per block, as
+    `diffcr.freeze` does; unlike it, the routers (and the table's `requires_grad`, so checkpoints keep their
+    layout) stay as they are."""
+    controller = model.diffcr
+    controller.frozen_schedule = controller.snapped_schedule()
+
+
 def _build_optimizer(model, cfg: TrainConfig):
     """AdamW with separate groups: base weights (or LoRA), routers, and ratios (own lr, never decayed)."""
     groups = []
@@ -428,6 +441,8 @@ def _train(
         write_json_atomic(run_dir / "run.json", _run_description(cfg, base_model, scheduler, conditioning, description))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
+    if routed and schedule_fixed_at(start_step, cfg):  # a resumed run past the step: the same table, the same bins
+        fix_schedule(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -467,11 +482,18 @@ def _train(
                 ratio_loss = diffcr.ratio_loss(unwrapped)
                 mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
                 loss = diffusion_loss + ratio_weight * ratio_loss
+                if diffcr.is_frozen(unwrapped):
+                    # at a fixed schedule the table is out of the forward, and a process whose samples all fall in
+                    # regions where a block keeps every token (or none) skips that router (or block); a zero
+                    # gradient keeps every parameter in the graph on every process, as DDP's reducer expects
+                    loss = loss + 0.0 * sum(param.sum() for param in model.parameters() if param.requires_grad)
             _stop_if_diverged(accelerator, loss, step, start_step, run_dir, "loss")
 
             # 3. the update; a non-finite gradient stops training before it can reach the weights
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
+                if group.get("name") == "ratio" and schedule_fixed_at(step, cfg):
+                    group["lr"] = 0.0
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -481,6 +503,9 @@ def _train(
                 with torch.no_grad():
                     unwrapped.diffcr.kept_ratio.clamp_(min(diffcr_config.ratio_bins), 1.0)
             step += 1
+            if routed and cfg.freeze_schedule_at == step:
+                fix_schedule(unwrapped)
+                logger.info("step %d: kept ratios fixed at their bins: %s", step, unwrapped.diffcr.frozen_schedule)
 
             # 4. logging and checkpoints
             _log_step(_metrics_row(step, loss, diffusion_loss, ratio_loss, mean_kept, started), metrics_file, bar)

@@ -155,6 +155,13 @@ def test_trained_variants_take_the_demo_budget_and_schedule():
             demo.lr_schedule,
         )
     assert T2IBenchRecipe(lr_schedule="constant").train_config(dense=False).lr_schedule == "constant"
+    # the routed variants fix their schedule where the demo does; dense fine-tuning has no kept ratios to fix
+    fixing = T2IBenchRecipe(train_steps=40, freeze_schedule_at=30)
+    assert fixing.train_config(dense=False).freeze_schedule_at == 30
+    assert fixing.train_config(dense=True).freeze_schedule_at == 0
+    assert T2IBenchRecipe().train_config(dense=False).freeze_schedule_at == demo.freeze_schedule_at
+    with pytest.raises(ValueError, match="freeze_schedule_at=50 is after the last step"):
+        T2IBenchRecipe(train_steps=40, freeze_schedule_at=50)
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,8 @@ class T2IBenchRecipe:
         train_steps, train_batch: the budget every trained variant gets (the text-to-image demo's).
         lr, router_lr, ratio_lr, lr_schedule: the demo's learning rates and their schedule (a cosine decay to 0:
             at this budget constant rates diverge, docs/RESULTS.md).
+        freeze_schedule_at: the demo's: the step after which the routed variants' kept ratios stay at their bins
+            (`TrainConfig.freeze_schedule_at`; 0 = never); dense fine-tuning has none.
         route_cross_attention: the demo's: False gives the tokens a block bypasses its cross-attention update (a
             diffcr option, docs/METHOD.md section 1) in every routed method (DiffCR-LT, DiffCR-L, uniform and
             random routing) and in the probes that match their kept ratio to a speedup; True is the paper's routing.
@@ -85,6 +87,7 @@ class T2IBenchRecipe:
     router_lr: float = T2IDemoRecipe.router_lr
     ratio_lr: float = T2IDemoRecipe.ratio_lr
     lr_schedule: str = T2IDemoRecipe.lr_schedule
+    freeze_schedule_at: int = T2IDemoRecipe.freeze_schedule_at
     route_cross_attention: bool = T2IDemoRecipe.route_cross_attention
     train_uniform: bool = True
     sampler_steps: int = 20
@@ -109,6 +112,7 @@ class T2IBenchRecipe:
             raise ValueError(f"num_reference={self.num_reference} must be >= 2 (FID needs two images)")
         if not self.speedups or any(s <= 1.0 for s in self.speedups):
             raise ValueError(f"speedups={self.speedups} must be a non-empty list of targets above 1.0")
+        self.train_config(dense=False)  # the training fields, checked now rather than after the tuning probes
 
     @classmethod
     def quick(cls) -> T2IBenchRecipe:
@@ -116,6 +120,7 @@ class T2IBenchRecipe:
         return cls(
             speedups=(1.5,),
             train_steps=4,
+            freeze_schedule_at=2,
             train_batch=4,
             sampler_steps=4,
             sample_batch=5,
@@ -162,6 +167,7 @@ class T2IBenchRecipe:
             ratio_lr=self.ratio_lr if ratio_lr is None else ratio_lr,
             checkpoint_every=self.train_steps,
             lr_schedule=self.lr_schedule,
+            freeze_schedule_at=0 if dense else self.freeze_schedule_at,  # a dense run has no kept ratios
             seed=self.seed,
             num_threads=self.num_threads,
             snr_gamma=PRETRAIN_SNR_GAMMA,

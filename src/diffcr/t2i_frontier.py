@@ -85,8 +85,8 @@ class T2IFrontierRecipe(FrontierPlan):
         route_cross_attention: the demo's and the bench's: False gives the tokens a block bypasses its
             cross-attention update (a diffcr option, docs/METHOD.md section 1; PixArt blocks only); True is the
             paper's routing.
-        train_steps, train_batch, lr, router_lr, ratio_lr, lr_schedule: the budget every trained model gets (the DiffCR
-            models and dense fine-tuned alike), on digit scenes: `T2IBenchRecipe`'s.
+        train_steps, train_batch, lr, router_lr, ratio_lr, lr_schedule, freeze_schedule_at: the budget every
+            trained model gets (the DiffCR models and dense fine-tuned alike), on digit scenes: `T2IBenchRecipe`'s.
         guidance_scale: classifier-free guidance (PixArt's 4.5).
         sample_batch: prompts per pipeline call (timed and interleaved batch by batch).
         num_prompts: how many of the evaluation prompts (None = all 50), taken in turn from each kind.
@@ -121,6 +121,7 @@ class T2IFrontierRecipe(FrontierPlan):
     router_lr: float = T2IBenchRecipe.router_lr
     ratio_lr: float = T2IBenchRecipe.ratio_lr
     lr_schedule: str = T2IBenchRecipe.lr_schedule
+    freeze_schedule_at: int = T2IBenchRecipe.freeze_schedule_at
     guidance_scale: float = T2IBenchRecipe.guidance_scale
     sample_batch: int = T2IBenchRecipe.sample_batch
     num_prompts: int | None = T2IBenchRecipe.num_prompts
@@ -156,6 +157,7 @@ class T2IFrontierRecipe(FrontierPlan):
             diffcr_fbcache_thresholds=(0.2,),
             tuned_step_counts=(2,),
             train_steps=4,
+            freeze_schedule_at=2,
             train_batch=4,
             sample_batch=5,
             num_prompts=10,
@@ -176,6 +178,7 @@ class T2IFrontierRecipe(FrontierPlan):
             router_lr=self.router_lr,
             ratio_lr=self.ratio_lr,
             lr_schedule=self.lr_schedule,
+            freeze_schedule_at=self.freeze_schedule_at,
             sampler_steps=self.sampler_steps,
             guidance_scale=self.guidance_scale,
             sample_batch=self.sample_batch,

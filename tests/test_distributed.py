@@ -54,7 +54,7 @@ def test_two_process_training_and_sharded_sampling(tmp_path):
     from diffcr.train import train
     from test_training import config, tiny_base, tiny_data
 
-    cfg = config(mode="full", steps=2, freeze_schedule_at=1)
+    cfg = config(mode="full", steps=3, freeze_schedule_at=1)
     single = train(tmp_path / "single", tiny_base(), tiny_data(), cfg, progress=False)
     diffcr.freeze(single.model)
     images = sample_images(single.model.eval(), class_labels([1, 2, 3], 1), SampleConfig(steps=2, batch_size=2), 10)

@@ -39,9 +39,9 @@ def test_demo_trains_the_recipe_and_writes_its_artifact(demo, tiny_scene_pipelin
     out, result, estimates = demo
     assert result["train_steps"] == 3
     assert len(estimates) == 1 and estimates[0].total_seconds > 0
-    # the probe timed a step at the fixed schedule for the one step after step 2
-    assert estimates[0].fixed_steps == 1 and estimates[0].seconds_per_fixed_step > 0
-    assert "then 1 at the fixed schedule" in estimates[0].describe()
+    # the probe timed a step at the frozen schedule for the one step after step 2
+    assert estimates[0].frozen_steps == 1 and estimates[0].seconds_per_frozen_step > 0
+    assert "then 1 at the frozen schedule" in estimates[0].describe()
     routed = load_pipeline(str(tiny_scene_pipeline), result["artifact"])
     assert diffcr.is_applied(routed.transformer)
     assert diffcr.get_config(routed.transformer).timestep_regions == 4

@@ -129,12 +129,13 @@ class T2IDemoEstimate:
     steps: int
     seconds_per_step: float  # a step with learnable kept ratios (two blended passes per block)
     sampling_seconds: float
-    fixed_steps: int = 0  # the steps after `freeze_schedule_at`: one pass per block
-    seconds_per_fixed_step: float = 0.0
+    frozen_steps: int = 0  # the steps after `freeze_schedule_at`: one pass per block
+    seconds_per_frozen_step: float = 0.0
 
     @property
     def training_seconds(self) -> float:
-        return (self.steps - self.fixed_steps) * self.seconds_per_step + self.fixed_steps * self.seconds_per_fixed_step
+        blended = (self.steps - self.frozen_steps) * self.seconds_per_step
+        return blended + self.frozen_steps * self.seconds_per_frozen_step
 
     @property
     def total_seconds(self) -> float:
@@ -142,10 +143,10 @@ class T2IDemoEstimate:
 
     def describe(self) -> str:
         per_step = f"{self.seconds_per_step:.2f} s/step"
-        if self.fixed_steps:
+        if self.frozen_steps:
             per_step = (
-                f"{self.steps - self.fixed_steps} steps at {self.seconds_per_step:.2f} s, then {self.fixed_steps} at "
-                f"the fixed schedule at {self.seconds_per_fixed_step:.2f} s"
+                f"{self.steps - self.frozen_steps} steps at {self.seconds_per_step:.2f} s, then {self.frozen_steps} "
+                f"at the frozen schedule at {self.seconds_per_frozen_step:.2f} s"
             )
         return (
             f"training {self.steps} steps, about {self.training_seconds / 60:.1f} min on this machine ({per_step})\n"
@@ -160,18 +161,20 @@ SAMPLING_PASSES = 2.2
 
 
 def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: int, seed: int = 0) -> T2IDemoEstimate:
-    """Time two training steps (the second counts), a third at the fixed schedule when the recipe fixes it,
-    and one sampling call of the evaluation batch size.
+    """Time two training steps (the second counts), two more at the frozen schedule when the recipe freezes it
+    (the second counts), and one sampling call of the evaluation batch size.
 
     The probe trains at the target kept ratio: the run's ratios start at 1.0 but reach the target within a few
-    dozen steps, and a probe at 1.0 timed a dense step, which overstated the training time by about 1.5x."""
+    dozen steps, and a probe at 1.0 timed a dense step, which overstated the training time by about 1.5x. The
+    first few dozen steps, near 1.0, cost up to twice the probe's, so a recipe that freezes its schedule early
+    (most of its blended steps near 1.0) runs longer than the estimate."""
     from diffcr.models.tiny_dit import build_scheduler
     from diffcr.text_to_image import sample_prompts
     from diffcr.train import train
 
-    fixed_steps = recipe.steps - recipe.freeze_schedule_at if recipe.freeze_schedule_at else 0
-    probe_steps = 3 if fixed_steps else 2
-    cfg = replace(recipe, steps=probe_steps, average_from=0, freeze_schedule_at=2 if fixed_steps else 0)
+    frozen_steps = recipe.steps - recipe.freeze_schedule_at if recipe.freeze_schedule_at else 0
+    probe_steps = 4 if frozen_steps else 2
+    cfg = replace(recipe, steps=probe_steps, average_from=0, freeze_schedule_at=2 if frozen_steps else 0)
     cfg = cfg.train_config(seed)
     with tempfile.TemporaryDirectory(prefix="diffcr-probe-") as scratch:
         train(
@@ -185,7 +188,7 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
         )
         rows = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
     seconds_per_step = rows[1]["seconds"] - rows[0]["seconds"]
-    seconds_per_fixed_step = rows[2]["seconds"] - rows[1]["seconds"] if fixed_steps else 0.0
+    seconds_per_frozen_step = rows[3]["seconds"] - rows[2]["seconds"] if frozen_steps else 0.0
     sample_cfg = replace(recipe.sample_config(seed), steps=2)
     prompts = ["a 1 on the left"] * recipe.sample_batch_size
     sample_prompts(pipe, prompts[:1], sample_cfg)
@@ -194,7 +197,7 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
     per_step = (time.perf_counter() - begin) / 2
     batches = math.ceil(num_prompts / recipe.sample_batch_size)
     sampling = SAMPLING_PASSES * batches * recipe.sampler_steps * per_step
-    return T2IDemoEstimate(recipe.steps, seconds_per_step, sampling, fixed_steps, seconds_per_fixed_step)
+    return T2IDemoEstimate(recipe.steps, seconds_per_step, sampling, frozen_steps, seconds_per_frozen_step)
 
 
 def router_stroke_agreement(pipe, prompts: list[str], cfg) -> dict:

@@ -143,6 +143,7 @@ class T2IFrontierRecipe(FrontierPlan):
         if self.num_reference < 2:
             raise ValueError(f"num_reference={self.num_reference} must be >= 2 (FID needs two images)")
         self._check_knobs()
+        self.bench_recipe()  # the training fields, checked now rather than after the trained folder is cleared
 
     @classmethod
     def quick(cls) -> T2IFrontierRecipe:
@@ -466,7 +467,13 @@ def results_markdown(result: dict) -> str:
             else ", routed as the demo routes (the tokens a block bypasses still get its cross-attention update)"
         )
         + f". Every trained model ({DIFFCR} per target kept ratio, {DENSE_TUNED}) got the same budget: "
-        f"{recipe['train_steps']} steps of full fine-tuning at batch {recipe['train_batch']} on digit scenes. FLOPs "
+        f"{recipe['train_steps']} steps of full fine-tuning at batch {recipe['train_batch']} on digit scenes"
+        + (
+            f" ({DIFFCR}'s kept ratios frozen at their bins after step {recipe['freeze_schedule_at']})"
+            if recipe.get("freeze_schedule_at")
+            else ""
+        )
+        + ". FLOPs "
         "are counted on what executed. The quality axis is prompt accuracy: the shipped classifier reads the "
         "digit each prompt asks for at its slot (digits right, higher is better); accuracy on the held-out "
         "compositions (pairs no training scene holds), whole images right and feature FID against "

@@ -146,12 +146,19 @@ class TrainConfig:
         if self.freeze_schedule_at > self.steps:
             raise ValueError(
                 f"freeze_schedule_at={self.freeze_schedule_at} is after the last step ({self.steps}): the schedule "
-                f"would never be fixed; give a step in 1..{self.steps}, or 0 to let the kept ratios learn throughout"
+                f"would never be frozen; give a step in 1..{self.steps}, or 0 to let the kept ratios learn "
+                "throughout (a resumed run keeps its freeze_schedule_at: give it at least that many steps)"
             )
         if self.freeze_schedule_at and self.mode == "pretrain":
             raise ValueError(
-                "freeze_schedule_at fixes DiffCR's kept ratios: use a DiffCR mode (routers, lora or full), or 0 when "
-                "pretraining"
+                f"freeze_schedule_at={self.freeze_schedule_at} freezes DiffCR's kept ratios, which pretraining has "
+                "none of: use a DiffCR mode (routers, lora or full), or 0 when pretraining"
+            )
+        if 0 < self.average_from < self.freeze_schedule_at:
+            raise ValueError(
+                f"average_from={self.average_from} is before freeze_schedule_at={self.freeze_schedule_at}: the "
+                "average would mix kept-ratio tables from before the freeze, and the artifact could ship bins the "
+                f"weights never trained at; give average_from >= {self.freeze_schedule_at}"
             )
         if self.distill and self.mode == "pretrain":
             raise ValueError("distill needs a DiffCR mode (routers, lora or full): pretraining has no teacher")

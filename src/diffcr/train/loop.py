@@ -248,17 +248,27 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def schedule_fixed_at(step: int, cfg: TrainConfig) -> bool:
-    """Whether the kept ratios are fixed at their bins once `step` steps are done (`TrainConfig.freeze_schedule_at`)."""
+def _schedule_frozen_at(step: int, cfg: TrainConfig) -> bool:
+    """Whether the kept ratios are frozen at their bins once `step` steps are done (`cfg.freeze_schedule_at`)."""
     return 0 < cfg.freeze_schedule_at <= step
 
 
-def fix_schedule(model) -> None:
+def _freeze_schedule(model) -> None:
     """Snap the kept-ratio table to its nearest bins and run that schedule from now on, one pass per block, as
-    `diffcr.freeze` does; unlike it, the routers (and the table's `requires_grad`, so checkpoints keep their
-    layout) stay as they are."""
+    `diffcr.freeze` does; unlike it, the routers keep training (and the table keeps `requires_grad`, so that
+    checkpoints keep their layout; its learning rate is 0 from now on)."""
     controller = model.diffcr
     controller.frozen_schedule = controller.snapped_schedule()
+
+
+def _with_every_parameter(loss: torch.Tensor, model) -> torch.Tensor:
+    """`loss` plus a zero that touches every trainable parameter.
+
+    At a frozen schedule the table is out of the forward, and a process whose samples all fall in regions where
+    a block keeps every token (or none) skips that router (or block). DDP's reducer waits for a gradient of every
+    parameter it registered; a zero gradient keeps them all in the graph on every process. (AdamW then moves an
+    unused parameter on its momentum, as it would under DDP.)"""
+    return loss + 0.0 * sum(param.sum() for param in model.parameters() if param.requires_grad)
 
 
 def _build_optimizer(model, cfg: TrainConfig):
@@ -441,8 +451,8 @@ def _train(
         write_json_atomic(run_dir / "run.json", _run_description(cfg, base_model, scheduler, conditioning, description))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
-    if routed and schedule_fixed_at(start_step, cfg):  # a resumed run past the step: the same table, the same bins
-        fix_schedule(model)
+    if routed and _schedule_frozen_at(start_step, cfg):  # resumed past the step: the same table, the same bins
+        _freeze_schedule(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -481,18 +491,16 @@ def _train(
                 unwrapped = accelerator.unwrap_model(model)
                 ratio_loss = diffcr.ratio_loss(unwrapped)
                 mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
-                loss = diffusion_loss + ratio_weight * ratio_loss
-                if diffcr.is_frozen(unwrapped):
-                    # at a fixed schedule the table is out of the forward, and a process whose samples all fall in
-                    # regions where a block keeps every token (or none) skips that router (or block); a zero
-                    # gradient keeps every parameter in the graph on every process, as DDP's reducer expects
-                    loss = loss + 0.0 * sum(param.sum() for param in model.parameters() if param.requires_grad)
+                if diffcr.is_frozen(unwrapped):  # the ratio loss is a constant now: logged, not trained on
+                    loss = _with_every_parameter(diffusion_loss, model)
+                else:
+                    loss = diffusion_loss + ratio_weight * ratio_loss
             _stop_if_diverged(accelerator, loss, step, start_step, run_dir, "loss")
 
             # 3. the update; a non-finite gradient stops training before it can reach the weights
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
-                if group.get("name") == "ratio" and schedule_fixed_at(step, cfg):
+                if group.get("name") == "ratio" and _schedule_frozen_at(step, cfg):
                     group["lr"] = 0.0
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -504,8 +512,8 @@ def _train(
                     unwrapped.diffcr.kept_ratio.clamp_(min(diffcr_config.ratio_bins), 1.0)
             step += 1
             if routed and cfg.freeze_schedule_at == step:
-                fix_schedule(unwrapped)
-                logger.info("step %d: kept ratios fixed at their bins: %s", step, unwrapped.diffcr.frozen_schedule)
+                _freeze_schedule(unwrapped)
+                logger.info("step %d: kept ratios frozen at their bins: %s", step, unwrapped.diffcr.frozen_schedule)
 
             # 4. logging and checkpoints
             _log_step(_metrics_row(step, loss, diffusion_loss, ratio_loss, mean_kept, started), metrics_file, bar)

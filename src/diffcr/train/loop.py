@@ -248,6 +248,26 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _routed_loss(model, unwrapped, diffusion_loss: torch.Tensor, ratio_weight: float):
+    """(the loss to train on, the ratio loss, the mean kept ratio used) of a routed step. Once the schedule is
+    frozen the ratio loss is a constant: logged, not trained on."""
+    import diffcr
+
+    ratio_loss = diffcr.ratio_loss(unwrapped)
+    mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
+    if diffcr.is_frozen(unwrapped):
+        return _with_every_parameter(diffusion_loss, model), ratio_loss, mean_kept
+    return diffusion_loss + ratio_weight * ratio_loss, ratio_loss, mean_kept
+
+
+def _set_learning_rates(optimizer, step: int, cfg: TrainConfig) -> None:
+    """Every group's rate at `step` (`_lr_factor`); the kept ratios' is 0 once their schedule is frozen."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
+        if group.get("name") == "ratio" and _schedule_frozen_at(step, cfg):
+            group["lr"] = 0.0
+
+
 def _schedule_frozen_at(step: int, cfg: TrainConfig) -> bool:
     """Whether the kept ratios are frozen at their bins once `step` steps are done (`cfg.freeze_schedule_at`)."""
     return 0 < cfg.freeze_schedule_at <= step
@@ -434,8 +454,6 @@ def _train(
     routed = cfg.mode != "pretrain"
     model, diffcr_config, bypass = _attach_routing(base_model, cfg, diffcr_config, scheduler)
     if routed:
-        import diffcr
-
         ratio_weight = diffcr_config.ratio_loss_weight
     optimizer = _build_optimizer(model, cfg)
 
@@ -485,23 +503,14 @@ def _train(
             diffusion_loss = _diffusion_loss(
                 accelerator, model, teacher, conditioning, (noisy, timesteps, cond), true_target, scheduler, cfg
             )
-            loss = diffusion_loss
-            ratio_loss = mean_kept = None
+            loss, ratio_loss, mean_kept = diffusion_loss, None, None
             if routed:
                 unwrapped = accelerator.unwrap_model(model)
-                ratio_loss = diffcr.ratio_loss(unwrapped)
-                mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
-                if diffcr.is_frozen(unwrapped):  # the ratio loss is a constant now: logged, not trained on
-                    loss = _with_every_parameter(diffusion_loss, model)
-                else:
-                    loss = diffusion_loss + ratio_weight * ratio_loss
+                loss, ratio_loss, mean_kept = _routed_loss(model, unwrapped, diffusion_loss, ratio_weight)
             _stop_if_diverged(accelerator, loss, step, start_step, run_dir, "loss")
 
             # 3. the update; a non-finite gradient stops training before it can reach the weights
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
-                if group.get("name") == "ratio" and _schedule_frozen_at(step, cfg):
-                    group["lr"] = 0.0
+            _set_learning_rates(optimizer, step, cfg)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))

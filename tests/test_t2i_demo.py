@@ -125,3 +125,32 @@ def test_recipe_ratio_bins_reach_the_diffcr_config():
     assert T2IDemoRecipe(ratio_bins=to_zero).diffcr_config().ratio_bins == to_zero
     with pytest.raises(ValueError, match="must start at 1.0"):
         T2IDemoRecipe(ratio_bins=(0.9, 0.5))  # checked when the recipe is made
+
+
+def test_estimate_counts_the_median_step_after_the_first_ones(tiny_scene_pipeline, monkeypatch):
+    """Early probe steps run slow (new token counts): each phase counts the median of its later steps."""
+    import diffcr.train
+    from diffcr.data.latent_cache import load_text_to_image_pipeline
+    from diffcr.t2i_demo import PROBE_TIMED_STEPS, PROBE_WARMUP_STEPS, T2IDemoRecipe, estimate_t2i_demo
+
+    assert (PROBE_WARMUP_STEPS, PROBE_TIMED_STEPS) == (2, 3)
+    blended, frozen = [5.0, 3.0, 1.0, 1.4, 1.1], [4.0, 2.0, 0.5, 0.9, 0.6]  # seconds of each probe step
+    seen = {}
+
+    def fake_train(out_dir, model, conditioning, cfg, **kwargs):
+        seen["steps"], seen["freeze_schedule_at"] = cfg.steps, cfg.freeze_schedule_at
+        out_dir.mkdir(parents=True)
+        clock, rows = 0.0, []
+        for step, seconds in enumerate(blended + frozen, start=1):
+            clock += seconds
+            rows.append(json.dumps({"step": step, "seconds": clock}))
+        (out_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+    monkeypatch.setattr(diffcr.train, "train", fake_train)
+    pipe = load_text_to_image_pipeline(str(tiny_scene_pipeline))
+    recipe = T2IDemoRecipe(steps=100, freeze_schedule_at=40, sampler_steps=2, sample_batch_size=2)
+    estimate = estimate_t2i_demo(pipe, None, recipe, num_prompts=4)
+    assert seen == {"steps": 10, "freeze_schedule_at": 5}
+    assert estimate.seconds_per_step == pytest.approx(1.1)
+    assert estimate.seconds_per_frozen_step == pytest.approx(0.6)
+    assert estimate.training_seconds == pytest.approx(40 * 1.1 + 60 * 0.6)

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -155,14 +156,20 @@ class T2IDemoEstimate:
         )
 
 
+# the probe's steps per phase (blended, then frozen): the first ones are not counted, the median of the rest is
+PROBE_WARMUP_STEPS = 2
+PROBE_TIMED_STEPS = 3
+
 # sampling passes of the evaluation prompts, in dense-pass units: dense, DiffCR (about 0.6 of dense at kept 0.5),
 # the router-map pass and the report's figures
 SAMPLING_PASSES = 2.2
 
 
 def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: int, seed: int = 0) -> T2IDemoEstimate:
-    """Time two training steps (the second counts), two more at the frozen schedule when the recipe freezes it
-    (the second counts), and one sampling call of the evaluation batch size.
+    """Time a few training steps, a few more at the frozen schedule when the recipe freezes it, and one sampling
+    call of the evaluation batch size. Each phase counts the median of its steps after the first two: single
+    early steps ran 1.2x the run's mean (the first calls at a new token count are slower), and the estimate
+    printed 10.4-11.0 minutes for demos that took 9.1.
 
     The probe trains at the target kept ratio: the run's ratios start at 1.0 but reach the target within a few
     dozen steps, and a probe at 1.0 timed a dense step, which overstated the training time by about 1.5x. The
@@ -173,8 +180,9 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
     from diffcr.train import train
 
     frozen_steps = recipe.steps - recipe.freeze_schedule_at if recipe.freeze_schedule_at else 0
-    probe_steps = 4 if frozen_steps else 2
-    cfg = replace(recipe, steps=probe_steps, average_from=0, freeze_schedule_at=2 if frozen_steps else 0)
+    phase = PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS
+    probe_steps = 2 * phase if frozen_steps else phase
+    cfg = replace(recipe, steps=probe_steps, average_from=0, freeze_schedule_at=phase if frozen_steps else 0)
     cfg = cfg.train_config(seed)
     with tempfile.TemporaryDirectory(prefix="diffcr-probe-") as scratch:
         train(
@@ -187,8 +195,9 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
             progress=False,
         )
         rows = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
-    seconds_per_step = rows[1]["seconds"] - rows[0]["seconds"]
-    seconds_per_frozen_step = rows[3]["seconds"] - rows[2]["seconds"] if frozen_steps else 0.0
+    step_seconds = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}, *rows], rows)]
+    seconds_per_step = statistics.median(step_seconds[PROBE_WARMUP_STEPS:phase])
+    seconds_per_frozen_step = statistics.median(step_seconds[phase + PROBE_WARMUP_STEPS :]) if frozen_steps else 0.0
     sample_cfg = replace(recipe.sample_config(seed), steps=2)
     prompts = ["a 1 on the left"] * recipe.sample_batch_size
     sample_prompts(pipe, prompts[:1], sample_cfg)

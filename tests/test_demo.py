@@ -179,7 +179,7 @@ def test_t2i_demo_cut_short_says_so_in_summary_and_report(tiny_scene_pipeline, t
     from dataclasses import dataclass, replace
 
     from diffcr.data import scenes
-    from diffcr.t2i_demo import T2IDemoRecipe, run_t2i_demo
+    from diffcr.t2i_demo import PROBE_TIMED_STEPS, PROBE_WARMUP_STEPS, T2IDemoRecipe, run_t2i_demo
     from diffcr.t2i_demo import summary_table as t2i_summary
 
     every_tenth = scenes.evaluation_prompts()[::10]  # every kind of prompt, a fifth of the sampling time
@@ -187,11 +187,12 @@ def test_t2i_demo_cut_short_says_so_in_summary_and_report(tiny_scene_pipeline, t
 
     @dataclass(frozen=True)
     class CappedRecipe(T2IDemoRecipe):
-        """The demo's recipe with a time cap that stops its training after one step (not the 2-step probe's)."""
+        """The demo's recipe with a time cap that stops its training after one step (not the estimate's probe)."""
 
         def train_config(self, seed: int = 0):
             cfg = super().train_config(seed)
-            return cfg if self.steps == 2 else replace(cfg, max_minutes=1e-5)
+            probe = self.steps == PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS
+            return cfg if probe else replace(cfg, max_minutes=1e-5)
 
     recipe = CappedRecipe(
         steps=3, batch_size=2, sampler_steps=2, sample_batch_size=5, num_reference=20, num_router_prompts=1

@@ -131,7 +131,13 @@ def test_estimate_counts_the_median_step_after_the_first_ones(tiny_scene_pipelin
     """Early probe steps run slow (new token counts): each phase counts the median of its later steps."""
     import diffcr.train
     from diffcr.data.latent_cache import load_text_to_image_pipeline
-    from diffcr.t2i_demo import PROBE_TIMED_STEPS, PROBE_WARMUP_STEPS, T2IDemoRecipe, estimate_t2i_demo
+    from diffcr.t2i_demo import (
+        LEARNED_TABLE_COST,
+        PROBE_TIMED_STEPS,
+        PROBE_WARMUP_STEPS,
+        T2IDemoRecipe,
+        estimate_t2i_demo,
+    )
 
     assert (PROBE_WARMUP_STEPS, PROBE_TIMED_STEPS) == (2, 3)
     blended, frozen = [5.0, 3.0, 1.0, 1.4, 1.1], [4.0, 2.0, 0.5, 0.9, 0.6]  # seconds of each probe step
@@ -151,6 +157,7 @@ def test_estimate_counts_the_median_step_after_the_first_ones(tiny_scene_pipelin
     recipe = T2IDemoRecipe(steps=100, freeze_schedule_at=40, sampler_steps=2, sample_batch_size=2)
     estimate = estimate_t2i_demo(pipe, None, recipe, num_prompts=4)
     assert seen == {"steps": 10, "freeze_schedule_at": 5}
-    assert estimate.seconds_per_step == pytest.approx(1.1)
+    # the blended steps scaled for a learned table that spreads between bins; frozen steps run one pass as probed
+    assert estimate.seconds_per_step == pytest.approx(1.1 * LEARNED_TABLE_COST)
     assert estimate.seconds_per_frozen_step == pytest.approx(0.6)
-    assert estimate.training_seconds == pytest.approx(40 * 1.1 + 60 * 0.6)
+    assert estimate.training_seconds == pytest.approx(40 * 1.1 * LEARNED_TABLE_COST + 60 * 0.6)

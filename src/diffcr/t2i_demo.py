@@ -199,7 +199,8 @@ def estimate_t2i_demo(pipe, conditioning, recipe: T2IDemoRecipe, num_prompts: in
             progress=False,
         )
         rows = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
-    step_seconds = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}, *rows], rows)]
+    clock = [0.0] + [row["seconds"] for row in rows]  # seconds since training began, after each step
+    step_seconds = [end - start for start, end in zip(clock, clock[1:])]
     seconds_per_step = LEARNED_TABLE_COST * statistics.median(step_seconds[PROBE_WARMUP_STEPS:phase])
     seconds_per_frozen_step = statistics.median(step_seconds[phase + PROBE_WARMUP_STEPS :]) if frozen_steps else 0.0
     sample_cfg = replace(recipe.sample_config(seed), steps=2)

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffcr.data.dataset import ImageDataset
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_IMAGE_SIZE = 1024  # the side images are resized to; a pixel-space DiT larger than this is not what this is for
 # an image counts as colour when its channels differ by more than this (of 255) on average: grey images saved
@@ -76,8 +78,6 @@ def load_image_folder(root: str | Path, image_size: int = 32, channels: int | No
         >>> ds = load_image_folder("my_images", image_size=32, channels=None)  # doctest: +SKIP
     """
     from PIL import Image, UnidentifiedImageError
-
-    from diffcr.data.mnist import ImageDataset
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} must be a whole number in [1, {MAX_IMAGE_SIZE}]")

@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import gzip
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffcr.data.dataset import ImageDataset
+from diffcr.data.folder import load_image_folder
+
 logger = logging.getLogger(__name__)
 
 HELDOUT_PER_CLASS = 50
 IMAGE_SIZE = 32
-
-
-@dataclass(frozen=True)
-class ImageDataset:
-    """Images in [-1, 1] with integer class labels.
-
-    Attributes:
-        images: (n, C, H, W) float32 in [-1, 1].
-        labels: (n,) int64 class ids in [0, num_classes).
-        class_names: name of each class id.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    class_names: tuple[str, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def subset(self, idx: torch.Tensor) -> ImageDataset:
-        return ImageDataset(self.images[idx], self.labels[idx], self.class_names)
 
 
 def _mnist_csv_path() -> Path:
@@ -127,8 +104,6 @@ def load_dataset(data: str | None = None, image_size: int = IMAGE_SIZE, channels
     else:
         if not str(data).strip():
             raise ValueError("--data is empty: pass 'mnist5k' or an image folder with one subfolder per class")
-        from diffcr.data.folder import load_image_folder
-
         dataset = load_image_folder(data, image_size=image_size, channels=channels)
         counts = torch.bincount(dataset.labels, minlength=dataset.num_classes)
         heldout_per_class = max(1, int(counts.min().item()) // 10)

@@ -393,6 +393,55 @@ def test_ratio_loss_is_squared_gap_of_used_ratios(case):
     assert diffcr.mean_kept_ratio_used(model) == pytest.approx(used.mean().item())
 
 
+def test_region_targets_pull_each_sample_to_its_own_regions_target(case):
+    """With a target per timestep region, the ratio loss is the mean over samples of (the mean over blocks of a
+    sample's kept ratios - its region's target)^2, and its gradient raises a region under its target and lowers
+    one over it."""
+    config = DiffCRConfig(timestep_regions=2, target_kept_ratio=0.6, region_targets=(0.9, 0.3), region_coupling=False)
+    model = diffcr.apply(case.model(), config)
+    set_kept(model, [[0.9, 0.3], [0.8, 0.4], [0.7, 0.6]])
+    model.train()
+    run(model, case.inputs([100, 100, 900]))
+    sample_means = torch.tensor([0.8, 0.8, (0.3 + 0.4 + 0.6) / 3])  # region 0, region 0, region 1
+    expected = ((sample_means - torch.tensor([0.9, 0.9, 0.3])) ** 2).mean()
+    loss = diffcr.ratio_loss(model)
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    grad = model.diffcr.kept_ratio.grad  # (L, 2)
+    assert (grad[:, 0] < 0).all() and (grad[:, 1] > 0).all()  # region 0 under its 0.9, region 1 over its 0.3
+    # a target passed in still means one target for the mean of every block and sample
+    used = torch.tensor([[0.9, 0.9, 0.3], [0.8, 0.8, 0.4], [0.7, 0.7, 0.6]])
+    assert diffcr.ratio_loss(model, target=0.9).item() == pytest.approx((used.mean().item() - 0.9) ** 2)
+
+
+def test_a_region_whose_target_is_one_runs_dense_in_one_pass_and_learns_nothing(case):
+    """Region 0's target is the top bin: whatever its learnable values, training runs each block once on every
+    token there (a blended ratio runs two passes), its ratios get no gradient, and eval, the schedule and
+    `freeze` keep it at 1.0."""
+    config = DiffCRConfig(timestep_regions=2, target_kept_ratio=0.75, region_targets=(1.0, 0.5), region_coupling=False)
+    model = diffcr.apply(case.model(), config)
+    set_kept(model, [[0.75, 0.75]])
+    model.train()
+    seen = count_block_tokens(model)
+    run(model, case.inputs([100, 100]))  # both samples in region 0
+    assert seen == [(layer, 2, case.num_tokens) for layer in range(3)]
+    assert model.diffcr.used_kept_ratio().tolist() == [[1.0, 1.0]] * 3
+    seen.clear()
+    run(model, case.inputs([900, 900]))  # region 1 blends its two bins around 0.75: 0.8 and 0.7 of 16
+    samples_per_pass = {}  # (layer, tokens) -> samples (Flux runs a routed block sample by sample)
+    for layer, samples, count in seen:
+        samples_per_pass[layer, count] = samples_per_pass.get((layer, count), 0) + samples
+    assert samples_per_pass == {(layer, count): 2 for layer in range(3) for count in (13, 12)}
+    out = run(model, case.inputs([100, 900]))
+    (out.pow(2).mean() + diffcr.ratio_loss(model)).backward()
+    grad = model.diffcr.kept_ratio.grad  # (L, 2)
+    assert (grad[:, 0] == 0).all() and (grad[:, 1] != 0).all()
+    assert diffcr.schedule(model).kept_ratio == [[1.0, 0.8]] * 3
+    assert diffcr.schedule(model).continuous == [[1.0, 0.75]] * 3
+    diffcr.freeze(model)
+    assert diffcr.schedule(model).kept_ratio == [[1.0, 0.8]] * 3
+
+
 def test_ratio_loss_before_forward_raises(case):
     model = diffcr.apply(case.model())
     with pytest.raises(RuntimeError, match="no complete forward"):

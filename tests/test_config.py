@@ -63,6 +63,32 @@ def test_json_round_trip_and_version():
     assert DiffCRConfig.from_dict(payload) == config
 
 
+def test_region_targets_round_trip_and_older_configs_have_none():
+    config = DiffCRConfig(target_kept_ratio=0.475, timestep_regions=4, region_targets=[0.45, 1, 0.3, 0.15])
+    assert config.region_targets == (0.45, 1.0, 0.3, 0.15)
+    payload = json.loads(config.to_json())
+    assert payload["region_targets"] == [0.45, 1.0, 0.3, 0.15]
+    assert DiffCRConfig.from_json(config.to_json()) == config
+    older = {k: v for k, v in DiffCRConfig().to_dict().items() if k != "region_targets"}
+    assert DiffCRConfig.from_dict(older).region_targets is None
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"region_targets": (0.5, 0.5), "timestep_regions": 4}, "has 2 values for timestep_regions=4"),
+        ({"region_targets": (0.5,), "timestep_regions": 1}, "needs timestep_regions > 1"),
+        ({"region_targets": (1.2, 0.4, 0.4, 0.0)}, r"outside the bins' range \[0.1, 1.0\]"),
+        ({"region_targets": (0.9, 0.9, 0.9, 0.9)}, r"0.5 is not the mean .* set target_kept_ratio=0.9"),
+        ({"region_targets": "0.5,0.5,0.5,0.5"}, "must be a sequence of kept ratios"),
+        ({"region_targets": (0.5, None, 0.5, 0.5)}, "a value of region_targets=None must be a number"),
+    ],
+)
+def test_bad_region_targets_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        DiffCRConfig(**{"target_kept_ratio": 0.5, "timestep_regions": 4, **changes})
+
+
 def test_unknown_keys_and_newer_versions_are_refused(tmp_path):
     payload = DiffCRConfig().to_dict()
     with pytest.raises(ValueError, match=r"unknown DiffCRConfig keys \['kept'\]"):

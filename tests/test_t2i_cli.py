@@ -175,6 +175,31 @@ def test_no_route_cross_attention_flag_reaches_the_artifact(prepared, tmp_path):
     assert routes_cross_attention(default_run) is True
 
 
+def test_region_targets_flag_reaches_the_artifact_and_sets_the_target(prepared, tmp_path):
+    import json
+
+    def config_of(run):
+        return json.loads((run / "artifact" / "diffcr_config.json").read_text())["config"]
+
+    root, pipe, cache = prepared
+    run = tmp_path / "regions"
+    result = invoke(*compress_args(pipe, cache, run, 1, "--mode", "routers", "--region-targets", "0.8,0.2,0.7,0.3"))
+    assert result.exit_code == 0, result.output
+    assert config_of(run)["region_targets"] == [0.8, 0.2, 0.7, 0.3]
+    # without --target, the target is their mean
+    run = tmp_path / "mean"
+    args = ("compress", "--base", pipe, "--data", cache, "--out", run, "--steps", 1, "--batch-size", 4, "--mode",
+            "routers", "--region-targets", "0.9,0.5,0.3,0.1")  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert config_of(run)["target_kept_ratio"] == pytest.approx(0.45)
+    result = invoke(*compress_args(pipe, cache, tmp_path / "bad", 1, "--region-targets", "0.8,half"))
+    assert result.exit_code != 0 and "must be kept ratios separated by commas" in result.output
+    result = invoke(*compress_args(pipe, cache, tmp_path / "off", 1, "--region-targets", "0.9,0.9,0.9,0.9"))
+    assert result.exit_code != 0 and "is not the mean of region_targets" in result.output
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "off").exists()
+
+
 def test_paths_spelled_differently_are_the_same_run_and_cache(prepared, tmp_path, monkeypatch):
     root, pipe, cache = prepared
     monkeypatch.chdir(root)

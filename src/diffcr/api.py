@@ -242,6 +242,9 @@ def is_frozen(model) -> bool:
 def ratio_loss(model, target: float | None = None) -> torch.Tensor:
     """(mean kept ratio used in the last forward - target)^2, the mean over blocks and samples.
 
+    With `DiffCRConfig.region_targets` (and no `target` given): the mean over samples of (the mean over blocks of
+    a sample's kept ratios - its timestep region's target)^2.
+
     In training mode the kept ratios are the continuous learnable ones (differentiable); in eval mode or
     after `freeze`, the bins actually run.
 
@@ -249,8 +252,15 @@ def ratio_loss(model, target: float | None = None) -> torch.Tensor:
         target: kept-ratio target; default the config's `target_kept_ratio`.
     """
     controller = _controller(model)
+    used = controller.used_kept_ratio()  # (L, B)
+    region_targets = controller.config.region_targets
+    if target is None and region_targets is not None:
+        # each sample's blocks are pulled to its own timestep region's target
+        targets = torch.tensor(region_targets, dtype=used.dtype, device=used.device)  # (R,)
+        regions = torch.tensor(controller._regions, device=used.device)  # (B,)
+        return ratio_loss_value(used.mean(0), targets[regions]).mean()
     target = controller.config.target_kept_ratio if target is None else target
-    return ratio_loss_value(controller.used_kept_ratio().mean(), target)
+    return ratio_loss_value(used.mean(), target)
 
 
 def mean_kept_ratio_used(model) -> float:
@@ -325,9 +335,11 @@ def schedule(model) -> Schedule:
     else:
         bounds = [(-(-r * total // regions), -(-(r + 1) * total // regions)) for r in range(regions)]
     low = min(controller.config.ratio_bins)
+    continuous = controller.kept_ratio.detach().clamp(low, 1.0)  # (L, R)
+    continuous[:, sorted(controller.dense_regions)] = 1.0  # regions whose target is 1.0 run dense
     return Schedule(
         kept_ratio=controller.frozen_schedule or controller.snapped_schedule(),
-        continuous=controller.kept_ratio.detach().clamp(low, 1.0).tolist(),
+        continuous=continuous.tolist(),
         region_bounds=bounds,
     )
 

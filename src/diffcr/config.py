@@ -15,6 +15,8 @@ DEFAULT_RATIO_BINS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 MAX_TIMESTEP_REGIONS = 1000
 # the authors' code weights the ratio loss 50; far above that it drowns the diffusion loss and the model
 MAX_RATIO_LOSS_WEIGHT = 1e4
+# how far target_kept_ratio may sit from the mean of region_targets (rounding in a JSON or on a command line)
+REGION_TARGETS_TOLERANCE = 1e-3
 
 
 def _check_number(name: str, value, integer: bool = False) -> None:
@@ -55,6 +57,14 @@ class DiffCRConfig:
             the block's cross-attention update, so the caption reaches every token in every block; it costs the
             cross-attention on every token (about 13 % of a block's FLOPs on the shipped text-to-image default,
             where it raised prompt accuracy from 31 % to 51-54 % at half the tokens; docs/RESULTS.md).
+        region_targets: None (the paper): one target, `target_kept_ratio`, for the mean of the whole table.
+            Or a kept-ratio target per timestep region, from the cleanest (t near 0) to the noisiest (a diffcr
+            extension): the ratio loss pulls the mean over blocks of each sample's kept ratios to its own
+            region's target, and the blocks' shares within a region are still learned. Their mean must be
+            `target_kept_ratio`. A region whose target is 1.0 runs dense: its ratios are not learned, and
+            training runs one pass per block there instead of two. For when the diffusion loss's weighting puts
+            compute where your metric does not look: on the shipped text-to-image default the learned table kept
+            the cleanest region dense, while the digits are decided at t 250-499 (docs/RESULTS.md).
 
     Example:
         >>> DiffCRConfig(target_kept_ratio=0.8, timestep_regions=4).ratio_bins[:3]
@@ -71,6 +81,7 @@ class DiffCRConfig:
     region_coupling: bool = True
     region_offset_lr: float = 0.05
     route_cross_attention: bool = True
+    region_targets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_number("target_kept_ratio", self.target_kept_ratio)
@@ -132,6 +143,38 @@ class DiffCRConfig:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 1 (or None)")
         if not bins[-1] <= self.init_kept_ratio <= 1.0:
             raise ValueError(f"init_kept_ratio={self.init_kept_ratio} must lie in [{bins[-1]}, 1.0] (the bins' range)")
+        if self.region_targets is not None:
+            self._check_region_targets()
+
+    def _check_region_targets(self) -> None:
+        targets = self.region_targets
+        if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+            raise ValueError(f"region_targets={targets!r} must be a sequence of kept ratios, one per timestep region")
+        for value in targets:
+            _check_number("a value of region_targets", value)
+        targets = tuple(float(t) for t in targets)
+        object.__setattr__(self, "region_targets", targets)
+        if self.timestep_regions == 1:
+            raise ValueError(
+                "region_targets needs timestep_regions > 1; with one region the target is target_kept_ratio"
+            )
+        if len(targets) != self.timestep_regions:
+            raise ValueError(
+                f"region_targets has {len(targets)} values for timestep_regions={self.timestep_regions}; give one "
+                "target per region, from the cleanest (t near 0) to the noisiest"
+            )
+        low = self.ratio_bins[-1]
+        outside = [t for t in targets if not low <= t <= 1.0]
+        if outside:
+            raise ValueError(
+                f"region_targets {outside} lie outside the bins' range [{low}, 1.0]: no schedule reaches them"
+            )
+        mean = sum(targets) / len(targets)
+        if abs(mean - self.target_kept_ratio) > REGION_TARGETS_TOLERANCE:
+            raise ValueError(
+                f"target_kept_ratio={self.target_kept_ratio} is not the mean of region_targets {targets} "
+                f"({mean:.4g}); set target_kept_ratio={mean:.4g}"
+            )
 
     def replace(self, **changes) -> DiffCRConfig:
         return DiffCRConfig(**{**asdict(self), **changes})
@@ -139,6 +182,8 @@ class DiffCRConfig:
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["ratio_bins"] = list(self.ratio_bins)
+        if self.region_targets is not None:
+            payload["region_targets"] = list(self.region_targets)
         return {"_type": CONFIG_TYPE, "_version": CONFIG_VERSION, **payload}
 
     def to_json(self) -> str:
@@ -165,6 +210,8 @@ class DiffCRConfig:
             raise ValueError(f"unknown {CONFIG_TYPE} keys {unknown}; valid keys: {sorted(known)}")
         if isinstance(payload.get("ratio_bins"), list):
             payload["ratio_bins"] = tuple(payload["ratio_bins"])
+        if isinstance(payload.get("region_targets"), list):
+            payload["region_targets"] = tuple(payload["region_targets"])
         return cls(**payload)
 
     @classmethod

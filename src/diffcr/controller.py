@@ -73,6 +73,9 @@ class DiffCRController(nn.Module):
         self.routers = nn.ModuleList(nn.Linear(hidden_size, 1, bias=False) for _ in range(num_layers))
         # kept_ratio[l, r]: the learnable kept ratio of block l in timestep region r
         self.kept_ratio = nn.Parameter(torch.full((num_layers, config.timestep_regions), config.init_kept_ratio))
+        # regions whose target is the top bin run dense: nothing there to learn, and one pass per block instead of
+        # the two a learnable ratio blends
+        self.dense_regions = frozenset(r for r, target in enumerate(config.region_targets or ()) if target >= 1.0)
         self.frozen_schedule: list[list[float]] | None = None
         self._regions: list[int] | None = None
         self._inference_plans: list[list[RoutingGroup]] | None = None
@@ -262,7 +265,10 @@ class DiffCRController(nn.Module):
     def _snapped_from(self, table: torch.Tensor) -> list[list[float]]:
         bins = self.config.ratio_bins
         values = table.detach().clamp(min(bins), 1.0).tolist()
-        return [[snap_to_bin(value, bins) for value in row] for row in values]
+        return [
+            [1.0 if region in self.dense_regions else snap_to_bin(value, bins) for region, value in enumerate(row)]
+            for row in values
+        ]
 
     # -- per block call ---------------------------------------------------------------------------------
     def layer_plan(self, layer: int, batch_size: int, device: torch.device) -> list[RoutingGroup]:
@@ -289,12 +295,19 @@ class DiffCRController(nn.Module):
         table = self()  # (L, R)
         continuous, brackets = {}, {}
         for region in sorted(set(regions)):
+            if region in self.dense_regions:
+                continuous[region] = torch.ones((), dtype=table.dtype, device=table.device)
+                continue
             continuous[region] = clamp_straight_through(table[layer, region], min(bins), 1.0)
             brackets[region] = bracket(continuous[region], bins)
         self._used[layer] = torch.stack([continuous[r] for r in regions])  # (B,)
-        bin_pairs = [(brackets[r][0][0], brackets[r][1][0]) for r in regions]
+        bin_pairs = [
+            (1.0, None) if r in self.dense_regions else (brackets[r][0][0], brackets[r][1][0]) for r in regions
+        ]
 
         def passes_of(pair, members):
+            if pair[1] is None:  # a dense region: one pass, its output as is
+                return [(1.0, None)]
             weights_high = torch.stack([brackets[regions[i]][0][1] for i in members])  # (b,)
             weights_low = torch.stack([brackets[regions[i]][1][1] for i in members])  # (b,)
             return [(pair[0], weights_high), (pair[1], weights_low)]

@@ -43,8 +43,13 @@ def compress(
         help="--no-route-cross-attention: tokens a block bypasses still get its cross-attention update (PixArt "
         "only; a diffcr option beyond the paper, docs/METHOD.md section 1)",
     ),
+    region_targets: str = typer.Option(
+        None,
+        help="a kept-ratio target per timestep region, cleanest first, comma-separated (e.g. 0.45,1,0.3,0.15; a "
+        "diffcr extension, docs/METHOD.md section 3); --target defaults to their mean",
+    ),
     config: Path = typer.Option(
-        None, help="a DiffCRConfig JSON (overrides target/regions/gate/lambda/route-cross-attention)"
+        None, help="a DiffCRConfig JSON (overrides target/regions/gate/lambda/route-cross-attention/region-targets)"
     ),
     recipe: Path = typer.Option(
         None,
@@ -97,6 +102,11 @@ def compress(
     given = given_options(ctx)
     flags = {TRAIN_FIELD_OF_OPTION[name]: value for name, value in ctx.params.items() if name in TRAIN_FIELD_OF_OPTION}
     diffcr_flags = {DIFFCR_FIELD_OF_OPTION[name]: ctx.params[name] for name in DIFFCR_FIELD_OF_OPTION}
+    diffcr_flags["region_targets"] = parse_region_targets(region_targets)
+    if diffcr_flags["region_targets"] is not None and "target" not in given and config is None:
+        targets = diffcr_flags["region_targets"]
+        diffcr_flags["target_kept_ratio"] = sum(targets) / len(targets)
+        given = given | {"target"}  # so that a recipe's own target gives way to their mean
     diffcr_config, settings, from_recipe = resolve_settings(config, recipe, flags, diffcr_flags, given)
     text = _check_task(base, data, transformer, diffcr_config)
     cfg = TrainConfig(**settings)
@@ -255,7 +265,21 @@ DIFFCR_FIELD_OF_OPTION = {
     "gate": "gate",
     "ratio_loss_weight": "ratio_loss_weight",
     "route_cross_attention": "route_cross_attention",
+    "region_targets": "region_targets",
 }
+
+
+def parse_region_targets(text: str | None) -> tuple[float, ...] | None:
+    """`--region-targets 0.45,1,0.3,0.15` as a tuple of numbers (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--region-targets {text!r} must be kept ratios separated by commas, one per timestep region, cleanest "
+            "first, e.g. 0.45,1,0.3,0.15"
+        ) from None
 
 
 DEFAULT_SOURCES = ("DEFAULT", "DEFAULT_MAP")
@@ -272,9 +296,9 @@ def resolve_settings(config: Path | None, recipe: Path | None, flags: dict, diff
     """(The DiffCRConfig, TrainConfig keyword arguments, the training settings the recipe set) from --config,
     --recipe and the flags.
 
-    Without a recipe, the flags (or --config, which holds target/regions/gate/lambda/route-cross-attention: those
-    flags given beside it are refused rather than ignored). With one, its values replace the flags' defaults, and
-    every flag given on the command line (or --config) replaces its value.
+    Without a recipe, the flags (or --config, which holds target/regions/gate/lambda/route-cross-attention/
+    region-targets: those flags given beside it are refused rather than ignored). With one, its values replace the
+    flags' defaults, and every flag given on the command line (or --config) replaces its value.
     """
     import diffcr
 

@@ -353,3 +353,23 @@ def test_freeze_schedule_at_is_checked():
     with pytest.raises(ValueError, match="give average_from >= 3"):
         config(steps=4, freeze_schedule_at=3, average_from=2)
     assert config(steps=4, freeze_schedule_at=3, average_from=3).average_from == 3
+
+
+def test_a_step_whose_samples_all_fall_in_a_dense_region_touches_every_parameter():
+    """Under DDP every process must give every registered parameter a gradient: samples that all fall in a region
+    whose target is 1.0 use no kept ratio and skip no block, so the step's loss adds a zero that touches them."""
+    from diffcr.train.loop import _routed_loss
+
+    config = diffcr.DiffCRConfig(
+        timestep_regions=2, target_kept_ratio=0.75, region_targets=(1.0, 0.5), region_coupling=False
+    )
+    model = diffcr.apply(tiny_base(), config)
+    model.train()
+    images = torch.randn(2, 1, 8, 8)
+    out = model(images, timestep=torch.tensor([100, 200]), class_labels=torch.tensor([1, 2])).sample  # region 0
+    loss, _, mean_kept = _routed_loss(model, model, out.pow(2).mean(), ratio_weight=1.0)
+    loss.backward()
+    assert mean_kept == 1.0
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert trainable and all(param.grad is not None for param in model.parameters() if param.requires_grad)
+    assert (model.diffcr.kept_ratio.grad == 0).all()

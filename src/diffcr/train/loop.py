@@ -255,9 +255,11 @@ def _routed_loss(model, unwrapped, diffusion_loss: torch.Tensor, ratio_weight: f
 
     ratio_loss = diffcr.ratio_loss(unwrapped)
     mean_kept = diffcr.mean_kept_ratio_used(unwrapped)
-    if diffcr.is_frozen(unwrapped):
-        return _with_every_parameter(diffusion_loss, model), ratio_loss, mean_kept
-    return diffusion_loss + ratio_weight * ratio_loss, ratio_loss, mean_kept
+    frozen = diffcr.is_frozen(unwrapped)
+    loss = diffusion_loss if frozen else diffusion_loss + ratio_weight * ratio_loss
+    if frozen or unwrapped.diffcr.dense_regions:
+        return _with_every_parameter(loss, model), ratio_loss, mean_kept
+    return loss, ratio_loss, mean_kept
 
 
 def _set_learning_rates(optimizer, step: int, cfg: TrainConfig) -> None:
@@ -285,9 +287,10 @@ def _with_every_parameter(loss: torch.Tensor, model) -> torch.Tensor:
     """`loss` plus a zero that touches every trainable parameter.
 
     At a frozen schedule the table is out of the forward, and a process whose samples all fall in regions where
-    a block keeps every token (or none) skips that router (or block). DDP's reducer waits for a gradient of every
-    parameter it registered; a zero gradient keeps them all in the graph on every process. (AdamW then moves an
-    unused parameter on its momentum, as it would under DDP.)"""
+    a block keeps every token (or none) skips that router (or block); so does one whose samples all fall in
+    regions whose target is 1.0 (`DiffCRConfig.region_targets`), which use no kept ratio. DDP's reducer waits for
+    a gradient of every parameter it registered; a zero gradient keeps them all in the graph on every process.
+    (AdamW then moves an unused parameter on its momentum, as it would under DDP.)"""
     return loss + 0.0 * sum(param.sum() for param in model.parameters() if param.requires_grad)
 
 

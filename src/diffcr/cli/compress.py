@@ -102,11 +102,7 @@ def compress(
     given = given_options(ctx)
     flags = {TRAIN_FIELD_OF_OPTION[name]: value for name, value in ctx.params.items() if name in TRAIN_FIELD_OF_OPTION}
     diffcr_flags = {DIFFCR_FIELD_OF_OPTION[name]: ctx.params[name] for name in DIFFCR_FIELD_OF_OPTION}
-    diffcr_flags["region_targets"] = parse_region_targets(region_targets)
-    if diffcr_flags["region_targets"] is not None and "target" not in given and config is None:
-        targets = diffcr_flags["region_targets"]
-        diffcr_flags["target_kept_ratio"] = sum(targets) / len(targets)
-        given = given | {"target"}  # so that a recipe's own target gives way to their mean
+    given = _apply_region_targets(diffcr_flags, region_targets, given, config)
     diffcr_config, settings, from_recipe = resolve_settings(config, recipe, flags, diffcr_flags, given)
     text = _check_task(base, data, transformer, diffcr_config)
     cfg = TrainConfig(**settings)
@@ -267,6 +263,16 @@ DIFFCR_FIELD_OF_OPTION = {
     "route_cross_attention": "route_cross_attention",
     "region_targets": "region_targets",
 }
+
+
+def _apply_region_targets(diffcr_flags: dict, text: str | None, given: set[str], config) -> set[str]:
+    """Put `--region-targets` into `diffcr_flags`; without `--target` (or `--config`) the target is their mean.
+    Returns the options counted as given (a recipe's own target then gives way to that mean)."""
+    targets = diffcr_flags["region_targets"] = parse_region_targets(text)
+    if targets is None or "target" in given or config is not None:
+        return given
+    diffcr_flags["target_kept_ratio"] = sum(targets) / len(targets)
+    return given | {"target"}
 
 
 def parse_region_targets(text: str | None) -> tuple[float, ...] | None:

@@ -80,9 +80,7 @@ class T2IBenchRecipe:
 
     speedups: tuple[float, ...] = (1.5, 2.0)
     timestep_regions: int = T2IDemoRecipe.timestep_regions
-    # the weight the demo used with one target for the whole table, as every variant here has (the demo's 4.0 is
-    # for its per-region targets)
-    ratio_loss_weight: float = 2.0
+    ratio_loss_weight: float = T2IDemoRecipe.ratio_loss_weight
     train_steps: int = T2IDemoRecipe.steps
     train_batch: int = T2IDemoRecipe.batch_size
     lr: float = T2IDemoRecipe.lr

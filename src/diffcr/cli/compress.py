@@ -99,11 +99,7 @@ def compress(
     from diffcr.train.timesteps import model_timestep_range
 
     # 1. every option is checked before anything is loaded or written; a recipe sets what no flag was given for
-    given = given_options(ctx)
-    flags = {TRAIN_FIELD_OF_OPTION[name]: value for name, value in ctx.params.items() if name in TRAIN_FIELD_OF_OPTION}
-    diffcr_flags = {DIFFCR_FIELD_OF_OPTION[name]: ctx.params[name] for name in DIFFCR_FIELD_OF_OPTION}
-    given = _apply_region_targets(diffcr_flags, region_targets, given, config)
-    diffcr_config, settings, from_recipe = resolve_settings(config, recipe, flags, diffcr_flags, given)
+    diffcr_config, settings, from_recipe = _resolve_options(ctx, region_targets, config, recipe)
     text = _check_task(base, data, transformer, diffcr_config)
     cfg = TrainConfig(**settings)
     if cfg.mode == "pretrain":
@@ -148,6 +144,16 @@ def compress(
         f"compressed in {result.steps_done} steps ({result.seconds / 60:.1f} min); "
         + ", ".join(f"{k}: {v}" for k, v in written.items())
     )
+
+
+def _resolve_options(ctx: typer.Context, region_targets: str | None, config: Path | None, recipe: Path | None):
+    """(DiffCR config, training settings, the settings the recipe set): the flags given over the recipe's values,
+    `--region-targets` folded into the DiffCR flags."""
+    given = given_options(ctx)
+    flags = {TRAIN_FIELD_OF_OPTION[name]: value for name, value in ctx.params.items() if name in TRAIN_FIELD_OF_OPTION}
+    diffcr_flags = {DIFFCR_FIELD_OF_OPTION[name]: ctx.params[name] for name in DIFFCR_FIELD_OF_OPTION}
+    given = _apply_region_targets(diffcr_flags, region_targets, given, config)
+    return resolve_settings(config, recipe, flags, diffcr_flags, given)
 
 
 def _check_task(base: str, data: str, transformer: str | None, diffcr_config) -> bool:

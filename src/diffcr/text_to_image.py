@@ -75,6 +75,7 @@ def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs
             from elsewhere, e.g. PixArt-Sigma 512 px), `torch_dtype`, ...
     """
     import diffcr
+    from diffcr.caption_attention import use_short_caption_attention
     from diffcr.data.latent_cache import load_text_to_image_pipeline
 
     pipe = load_text_to_image_pipeline(base, **kwargs)
@@ -97,6 +98,8 @@ def load_pipeline(base: str | Path, artifact: str | Path | None = None, **kwargs
         transformer = diffcr.from_pretrained(folder, torch_dtype=pipe.transformer.dtype)
         check_same_architecture(transformer, pipe.transformer, folder)
         pipe.transformer = transformer.to(pipe.transformer.device)
+        # the same attention kernels as the pipeline's own transformer, so that dense and routed compare fairly
+        use_short_caption_attention(pipe.transformer)
     else:
         diffcr.load(pipe.transformer, folder)
     pipe.transformer.eval()

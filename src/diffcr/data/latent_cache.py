@@ -137,9 +137,9 @@ def load_text_to_image_pipeline(
             "(drop --transformer, or pass a diffusers PixArt pipeline as --base)"
         )
     if str(base) == SHIPPED_TEXT_TO_IMAGE:
-        return load_scene_pipeline(dtype=kwargs.get("torch_dtype", torch.float32))
+        return _with_caption_attention(load_scene_pipeline(dtype=kwargs.get("torch_dtype", torch.float32)))
     if shipped:
-        return load_scene_pipeline(base, dtype=kwargs.get("torch_dtype", torch.float32))
+        return _with_caption_attention(load_scene_pipeline(base, dtype=kwargs.get("torch_dtype", torch.float32)))
     name = pipeline_class_name(base)
     if name not in TEXT_TO_IMAGE_PIPELINES:
         raise ValueError(
@@ -163,6 +163,15 @@ def load_text_to_image_pipeline(
         from diffcr.data.transformer_source import check_transformer_fits
 
         check_transformer_fits(pipe, transformer)
+    return _with_caption_attention(pipe)
+
+
+def _with_caption_attention(pipe):
+    """The pipeline with the CPU kernel for short captions in its cross-attention (`diffcr.caption_attention`):
+    every pipeline diffcr loads gets it, so a dense and a routed pipeline time the same kernels."""
+    from diffcr.caption_attention import use_short_caption_attention
+
+    use_short_caption_attention(pipe.transformer)
     return pipe
 
 

@@ -3,32 +3,11 @@ loaders on dense and routed pipelines alike, and only where it applies."""
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import diffcr
+from conftest import tiny_pixart
 from diffcr.caption_attention import MAX_CAPTION_TOKENS, ShortCaptionAttnProcessor, use_short_caption_attention
-
-
-def tiny_transformer(seed: int = 0) -> PixArtTransformer2DModel:
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=3,
-        cross_attention_dim=16,
-        sample_size=8,
-        patch_size=2,
-        caption_channels=12,
-        norm_num_groups=2,
-        use_additional_conditions=False,
-    )
-    with torch.no_grad():  # random modulation, so that blocks are not the identity
-        for block in model.transformer_blocks:
-            block.scale_shift_table.normal_(0, 0.3)
-    return model.eval()
 
 
 def forward(model, caption_tokens: int, batch: int = 3, seed: int = 1) -> torch.Tensor:
@@ -49,21 +28,21 @@ def forward(model, caption_tokens: int, batch: int = 3, seed: int = 1) -> torch.
 
 @pytest.mark.parametrize("caption_tokens", [5, MAX_CAPTION_TOKENS, MAX_CAPTION_TOKENS + 9])
 def test_same_output_as_the_default_processor(caption_tokens):
-    model = tiny_transformer()
+    model = tiny_pixart()
     with torch.no_grad():
         reference = forward(model, caption_tokens)
         assert use_short_caption_attention(model) == 3
         ours = forward(model, caption_tokens)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(reference, forward(tiny_transformer(), caption_tokens, seed=2).detach())  # inputs matter
+    assert not torch.equal(reference, forward(tiny_pixart(), caption_tokens, seed=2).detach())  # inputs matter
 
 
 def test_a_routed_model_gives_the_same_output_with_either_kernel():
-    dense = tiny_transformer()
+    dense = tiny_pixart()
     config = diffcr.DiffCRConfig(
         target_kept_ratio=0.5, timestep_regions=1, ratio_bins=(1.0, 0.5, 0.0), route_cross_attention=False
     )
-    routed = diffcr.apply(tiny_transformer(), config)
+    routed = diffcr.apply(tiny_pixart(), config)
     with torch.no_grad():
         routed.diffcr.kept_ratio.fill_(0.5)  # a bin: one pass a block, 8 of 16 tokens
         for router in routed.diffcr.routers:
@@ -88,7 +67,7 @@ def test_which_kernel_a_call_takes():
 
 
 def test_the_kernel_it_picks_is_the_one_that_runs(monkeypatch):
-    model = tiny_transformer()
+    model = tiny_pixart()
     use_short_caption_attention(model, max_caption_tokens=6)
     calls = []
     for name, kernel_class in (("classic", AttnProcessor), ("fused", AttnProcessor2_0)):
@@ -109,7 +88,7 @@ def test_the_kernel_it_picks_is_the_one_that_runs(monkeypatch):
 
 
 def test_processors_a_user_set_are_kept_and_a_second_call_replaces_nothing():
-    model = tiny_transformer()
+    model = tiny_pixart()
     user_processor = AttnProcessor()
     model.transformer_blocks[1].attn2.set_processor(user_processor)
     assert use_short_caption_attention(model) == 2
@@ -119,7 +98,7 @@ def test_processors_a_user_set_are_kept_and_a_second_call_replaces_nothing():
 
 
 def test_gradients_reach_the_cross_attention_weights():
-    model = tiny_transformer().train()
+    model = tiny_pixart().train()
     use_short_caption_attention(model)
     forward(model, 6).pow(2).mean().backward()
     for block in model.transformer_blocks:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -105,3 +106,18 @@ def test_clip_score_is_torchmetrics_formula_on_a_local_model(tmp_path):
     expected = float((100 * cosine).mean().clamp(min=0))  # torchmetrics clamps the mean at 0, not each pair
     assert expected > 0 and (cosine < 0).any()
     assert clip_score(images, prompts, folder) == pytest.approx(expected, abs=1e-3)
+
+
+def test_the_speedup_pairs_each_batch_with_its_own_dense_time():
+    from diffcr.t2i_assess import paired_speedup
+
+    # a slow moment hit both calls of batch 2 and only DiffCR's call of batch 4: three of four batches say 1.5x
+    dense = [6.0, 9.0, 6.0, 6.0]
+    routed = [4.0, 6.0, 4.0, 6.0]
+    assert paired_speedup(dense, routed) == pytest.approx(1.5)
+    assert statistics.median(dense) / statistics.median(routed) == pytest.approx(1.2)  # what medians alone say
+    assert paired_speedup([3.0, 2.0, 9.0], [1.0, 2.0, 3.0]) == pytest.approx(3.0)  # ratios 3, 1, 3
+    with pytest.raises(ValueError, match="one time per batch"):
+        paired_speedup([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="one time per batch"):
+        paired_speedup([], [])

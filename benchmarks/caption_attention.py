@@ -16,6 +16,7 @@ Median times, not minima: this machine is shared. Compare ratios measured in one
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import time
@@ -23,36 +24,30 @@ import time
 import torch
 
 
-def median_ms(fn, repeats: int = 25) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def kernel_table() -> list[str]:
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+    from diffcr.benchmark import time_alternating
+
     lines = ["| width | batch x image tokens | caption tokens | fused (ms) | classic (ms) |", "|---|---|---|---|---|"]
     for width, heads, batch, num_tokens in ((128, 4, 20, 256), (1152, 16, 2, 1024)):
-        attention = Attention(width, cross_attention_dim=width, heads=heads, dim_head=width // heads).eval()
+        fused = Attention(width, cross_attention_dim=width, heads=heads, dim_head=width // heads).eval()
+        fused.set_processor(AttnProcessor2_0())
+        classic = copy.deepcopy(fused)
+        classic.set_processor(AttnProcessor())
         for caption_tokens in (8, 24, 48, 77, 300):
             hidden_states = torch.randn(batch, num_tokens, width)
             caption = torch.randn(batch, caption_tokens, width)
             caption_mask = torch.zeros(batch, 1, caption_tokens)
             caption_mask[:, :, caption_tokens // 2 :] = -10000.0  # half of it padding
-            call = functools.partial(
-                attention, hidden_states, encoder_hidden_states=caption, attention_mask=caption_mask
-            )
-            row = []
+            inputs = {"encoder_hidden_states": caption, "attention_mask": caption_mask}
             with torch.no_grad():
-                for processor in (AttnProcessor2_0(), AttnProcessor()):
-                    attention.set_processor(processor)
-                    row.append(median_ms(call))
+                seconds = time_alternating(
+                    {name: functools.partial(module, hidden_states, **inputs) for name, module in
+                     (("fused", fused), ("classic", classic))},
+                    repeats=25, warmup=3,
+                )  # fmt: skip
+            row = [seconds["fused"] * 1000, seconds["classic"] * 1000]
             lines.append(f"| {width} | {batch} x {num_tokens} | {caption_tokens} | {row[0]:.2f} | {row[1]:.2f} |")
     return lines
 

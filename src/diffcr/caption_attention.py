@@ -1,11 +1,11 @@
 """Cross-attention to a short caption on CPU: diffusers' classic kernel, where torch's fused one is slower.
 
 For a caption of a few dozen tokens, torch's fused CPU attention (`scaled_dot_product_attention`, its flash kernel)
-takes about twice as long as diffusers' classic `AttnProcessor` (one batched matmul, a softmax, another), and its
+takes 1.5-2x as long as diffusers' classic `AttnProcessor` (one batched matmul, a softmax, another), and its
 processor adds contiguity copies around it. Measured on the text-to-image default's blocks (2 CPU threads, batch 20,
-256 image tokens, width 128; `benchmarks/caption_attention.py`): 4.5-5.1 ms against 7.8-9.8 ms a call at 24 caption
-tokens; the two cross between 32 and 48 tokens, and the classic one is slower from 77 on. At PixArt-Sigma's width
-(1152) the projections dominate and the two tie to within noise up to about 120 tokens. So the
+256 image tokens, width 128; `benchmarks/caption_attention.py`): 4.5-5.3 ms against 7.8-9.8 ms a call at 24 caption
+tokens; the two cross between 24 and 48 tokens (even at 48), and the classic one is slower from 77 on. At
+PixArt-Sigma's width (1152) the projections dominate and the two tie to within noise up to about 120 tokens. So the
 processor here picks the classic kernel only for cross-attention on CPU with a short caption, and torch's fused one
 everywhere else (GPU, self-attention, long captions such as T5's 300 tokens), and in training.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-# at most this many caption tokens take the classic kernel on CPU (the kernels cross between 32 and 48)
+# at most this many caption tokens take the classic kernel on CPU (the kernels cross between 24 and 48)
 MAX_CAPTION_TOKENS = 32
 
 

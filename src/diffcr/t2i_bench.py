@@ -192,7 +192,8 @@ class PromptContestant(Contestant):
         from diffcr.text_to_image import sample_prompts
 
         pipe.transformer = self.model
-        use_short_caption_attention(self.model)  # every method times the same attention kernels as dense
+        # every method, dense included, samples through here: all time the same attention kernels
+        use_short_caption_attention(self.model)
         with self.run_context():
             return sample_prompts(pipe, prompts, self.sample_cfg, indices=indices)
 
@@ -233,7 +234,6 @@ def load_bench_pipeline(base: str | Path):
     Raises:
         ValueError: the pipeline cannot render digit scenes (its VAE is not one-channel).
     """
-    from diffcr.caption_attention import use_short_caption_attention
     from diffcr.data.latent_cache import load_text_to_image_pipeline
     from diffcr.models.scene_pipeline import load_scene_pipeline
 
@@ -251,7 +251,6 @@ def load_bench_pipeline(base: str | Path):
             f"the text-to-image bench trains and judges on digit scenes: --base {base} has a "
             f"{pipe.vae.config.in_channels}-channel VAE; use the default (t2i) or a `diffcr pretrain --task t2i` folder"
         )
-    use_short_caption_attention(pipe.transformer)  # load_scene_pipeline alone does not
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.eval()
     return pipe

@@ -121,3 +121,26 @@ def test_the_speedup_pairs_each_batch_with_its_own_dense_time():
         paired_speedup([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="one time per batch"):
         paired_speedup([], [])
+
+
+def test_more_timing_rounds_time_more_batch_pairs_and_keep_the_first_rounds_images(setup, tmp_path):
+    import numpy as np
+
+    from diffcr.t2i_assess import assess_text_to_image
+    from diffcr.text_to_image import PromptSampleConfig
+
+    _, pipe_dir, artifact = setup
+    cfg = PromptSampleConfig(steps=2, batch_size=1, num_per_prompt=3)
+    once = assess_text_to_image(pipe_dir, artifact, ["a cat"], cfg, tmp_path / "once", progress=False)
+    thrice = assess_text_to_image(
+        pipe_dir, artifact, ["a cat"], cfg, tmp_path / "thrice", progress=False, timing_rounds=3
+    )
+    # 3 batches: the first round's first pair warms up, so 2 are timed in one round and 2 + 3 + 3 in three
+    assert (once["timed_batches"], thrice["timed_batches"]) == (2, 8)
+    images = [np.load(run / "samples.npz") for run in (tmp_path / "once", tmp_path / "thrice")]
+    for name in ("dense", "diffcr"):
+        assert images[0][name].shape[0] == images[1][name].shape[0] == 3
+        np.testing.assert_array_equal(images[0][name], images[1][name])  # the same noise, the same images
+    with pytest.raises(ValueError, match="timing_rounds=0 must be >= 1"):
+        assess_text_to_image(pipe_dir, artifact, ["a cat"], cfg, tmp_path / "none", timing_rounds=0)
+    assert not (tmp_path / "none").exists()

@@ -48,8 +48,10 @@ def test_evaluate_measures_dense_and_diffcr_side_by_side(setup):
     result = runner.invoke(app, [str(a) for a in (
         "evaluate", "--base", pipe_dir, "--artifact", artifact, "--prompt", "a cat on the left", "--num", 3,
         "--steps", 2, "--batch-size", 1, "--out", out, "--reference", reference, "--features", f"clip:{clip}",
+        "--timing-rounds", 2,
     )])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "(5 timed batch pairs)" in result.output  # 3 batches twice, less the first, which warms up
     figures = json.loads((out / "t2i_assessment.json").read_text())
     assert figures["num_images"] == 3 and figures["mean_kept_ratio"] == 0.5
     assert set(figures["latency_per_image_s"]) == {"dense", "diffcr"} and figures["speedup"] > 0
@@ -63,6 +65,8 @@ def test_evaluate_refuses_bad_feature_options(setup, tmp_path):
     root, pipe_dir, artifact = setup
     args = ["evaluate", "--base", pipe_dir, "--artifact", artifact, "--prompt", "a cat", "--out", tmp_path / "o",
             "--reference", root]  # fmt: skip
+    result = runner.invoke(app, [str(a) for a in [*args, "--timing-rounds", 0]])
+    assert result.exit_code == 2 and "--timing-rounds" in result.output and "must be >= 1" in result.output
     result = runner.invoke(app, [str(a) for a in [*args, "--features", "vgg"]])
     assert result.exit_code == 2 and "use 'inception'" in result.output
     result = runner.invoke(app, [str(a) for a in [*args, "--features", f"clip:{tmp_path / 'none'}"]])

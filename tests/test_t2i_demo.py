@@ -4,6 +4,8 @@ figures, the router-stroke agreement, the report and the artifact that `--artifa
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -129,12 +131,16 @@ def test_recipe_ratio_bins_reach_the_diffcr_config():
 
 def test_estimate_counts_the_median_step_after_the_first_ones(tiny_scene_pipeline, monkeypatch):
     """Early probe steps run slow (new token counts): each phase counts the median of its later steps."""
+    import diffcr.t2i_demo
+    import diffcr.text_to_image
     import diffcr.train
     from diffcr.data.latent_cache import load_text_to_image_pipeline
     from diffcr.t2i_demo import (
         LEARNED_TABLE_COST,
         PROBE_TIMED_STEPS,
         PROBE_WARMUP_STEPS,
+        SAMPLING_PASSES,
+        TIMING_ROUND_PASSES,
         T2IDemoRecipe,
         estimate_t2i_demo,
     )
@@ -161,3 +167,13 @@ def test_estimate_counts_the_median_step_after_the_first_ones(tiny_scene_pipelin
     assert estimate.seconds_per_step == pytest.approx(1.1 * LEARNED_TABLE_COST)
     assert estimate.seconds_per_frozen_step == pytest.approx(0.6)
     assert estimate.training_seconds == pytest.approx(40 * 1.1 * LEARNED_TABLE_COST + 60 * 0.6)
+    # each further timing round of the evaluation adds a dense and a DiffCR pass over the prompts: with a sampling
+    # call that takes 1 s (2 steps), the prompts' 2 batches x 2 steps cost 2 s a pass
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(diffcr.t2i_demo, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(diffcr.text_to_image, "sample_prompts", lambda *a, **k: setattr(clock, "now", clock.now + 1))
+    for rounds in (1, 3):
+        timed = estimate_t2i_demo(pipe, None, replace(recipe, timing_rounds=rounds), num_prompts=4)
+        assert timed.sampling_seconds == pytest.approx(2 * (SAMPLING_PASSES + (rounds - 1) * TIMING_ROUND_PASSES))
+    with pytest.raises(ValueError, match="timing_rounds=0 must be >= 1"):
+        T2IDemoRecipe(timing_rounds=0)

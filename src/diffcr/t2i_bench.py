@@ -56,9 +56,8 @@ class T2IBenchRecipe:
     Args:
         speedups: the target measured sampling speedups over dense.
         timestep_regions: DiffCR-LT's regions (the paper's text-to-image setting, 4); DiffCR-L has one.
-        ratio_loss_weight: lambda: fine-tuning weighs the diffusion loss as pretraining did (about 6x the plain
-            MSE), so the class-conditional 0.3 would leave the kept ratios near 1.0. 2.0, the demo's before it took
-            a target per timestep region (its 4.0 goes with those); the methods here keep the paper's one target.
+        ratio_loss_weight: lambda, the demo's: fine-tuning weighs the diffusion loss as pretraining did (about 6x
+            the plain MSE), so the class-conditional 0.3 would leave the kept ratios near 1.0.
         train_steps, train_batch: the budget every trained variant gets (the text-to-image demo's).
         lr, router_lr, ratio_lr, lr_schedule: the demo's learning rates and their schedule (a cosine decay to 0:
             at this budget constant rates diverge, docs/RESULTS.md).
@@ -81,7 +80,7 @@ class T2IBenchRecipe:
 
     speedups: tuple[float, ...] = (1.5, 2.0)
     timestep_regions: int = T2IDemoRecipe.timestep_regions
-    ratio_loss_weight: float = 2.0
+    ratio_loss_weight: float = T2IDemoRecipe.ratio_loss_weight
     train_steps: int = T2IDemoRecipe.steps
     train_batch: int = T2IDemoRecipe.batch_size
     lr: float = T2IDemoRecipe.lr

@@ -29,6 +29,9 @@ def evaluate(
     transformer: str = typer.Option(None, help=TRANSFORMER_HELP),
     transformer_subfolder: str = typer.Option("transformer", help=TRANSFORMER_SUBFOLDER_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP + " (dense and DiffCR alike)"),
+    timing_rounds: int = typer.Option(
+        1, help="time every batch pair this many times (images from the first): the speedup, a median of more pairs"
+    ),
 ) -> None:
     """Latency per image, peak memory, PSNR/SSIM vs dense, FID and CLIP score: dense and DiffCR side by side."""
     from diffcr.checkpoint import check_writable_dir
@@ -41,16 +44,21 @@ def evaluate(
     cfg = PromptSampleConfig(
         steps=steps, guidance_scale=guidance_scale, num_per_prompt=num, seed=seed, batch_size=batch_size
     )
+    if timing_rounds < 1:
+        raise typer.BadParameter(f"{timing_rounds} must be >= 1", param_hint="--timing-rounds")
     check_writable_dir(out, "--out")
     if reference is not None:
         feature_extractor(features)  # a bad --features fails now, not after sampling
     source = {"transformer": transformer, "transformer_subfolder": transformer_subfolder, "torch_dtype": torch_dtype}
-    result = assess_text_to_image(base, artifact, texts, cfg, out, reference, features, clip, source=source)
+    result = assess_text_to_image(
+        base, artifact, texts, cfg, out, reference, features, clip, source=source, timing_rounds=timing_rounds
+    )
     latency = result["latency_per_image_s"]
     typer.echo(
         f"latency per image: dense {latency['dense']:.3f} s, DiffCR {latency['diffcr']:.3f} s "
         f"({result['speedup']:.2f}x); peak memory DiffCR/dense {result['memory_vs_dense']:.2f}; "
-        f"PSNR vs dense {result['psnr_vs_dense_db']:.1f} dB, SSIM {result['ssim_vs_dense']:.3f}"
+        f"PSNR vs dense {result['psnr_vs_dense_db']:.1f} dB, SSIM {result['ssim_vs_dense']:.3f} "
+        f"({result['timed_batches']} timed batch pairs)"
     )
     for key in ("fid", "clip_score"):
         if key in result:

@@ -58,8 +58,8 @@ class T2IDemoRecipe:
     # None: one target for the whole table (the paper). A target per timestep region (`DiffCRConfig.region_targets`)
     # with t 250-499 dense draws more digits at a higher kept ratio, not at this one's speed: 0.45 / 1.0 / 0.4 / 0.15
     # at lambda 4 drew 70.0 % and 67.8 % on two training seeds against this recipe's 62.2 % and 62.2 %, at kept 0.52,
-    # but its speedup is about 0.93x this recipe's (1.49x through this demo on a fresh clone); 0.6 / 1.0 / 0.4 / 0.2
-    # drew 81.1 % and 75.6 % at 0.9x (docs/RESULTS.md, "Region targets through the demo, on two seeds")
+    # but its speedup is 0.92-0.94x this recipe's (1.49x through this demo on a fresh clone); 0.6 / 1.0 / 0.4 / 0.2
+    # drew 81.1 % and 75.6 % at 0.86-0.91x (docs/RESULTS.md, "Region targets through the demo, on two seeds")
     region_targets: tuple[float, ...] | None = None
     distill: bool = False
     lr_schedule: str = "cosine"

@@ -159,6 +159,10 @@ def test_t2i_summary_has_no_warning_when_the_run_did_what_it_planned():
     evaluation, judgement = t2i_evaluation(kept=0.9)
     del evaluation["training"]  # an evaluation without training facts (a plain `diffcr evaluate`)
     assert "WARNING" not in t2i_summary(evaluation, judgement)
+    # an assessment written before FLOPs were counted has no FLOP-ideal row; one with them shows it second
+    assert "FLOP-ideal" not in t2i_summary(evaluation, judgement)
+    rows = t2i_summary({**evaluation, "flop_ratio": 1.876}, judgement).splitlines()
+    assert rows[3] == "| FLOP-ideal speedup (matrix products counted) | 1.00x | 1.88x |"
 
 
 def test_t2i_summary_warns_when_training_stopped_early_or_missed_its_target():

@@ -10,8 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 import diffcr
+from diffcr.benchmark import count_flops
 from diffcr.cli import app
-from diffcr.text_to_image import load_pipeline
+from diffcr.text_to_image import PromptSampleConfig, load_pipeline, sample_prompts
 from t2i_helpers import build_tiny_pixart_pipeline, write_caption_folder
 
 runner = CliRunner()
@@ -59,6 +60,25 @@ def test_evaluate_measures_dense_and_diffcr_side_by_side(setup):
     assert figures["fid"]["dense"] >= 0 and figures["fid_features"].startswith("clip:")
     assert figures["psnr_vs_dense_db"] < 100  # routed at 0.5: not the dense images
     assert (out / "pairs.png").is_file() and (out / "samples.npz").is_file()
+    # FLOP-ideal: one image's pipeline call counted, dense over DiffCR; half the tokens in every block cost less
+    dense_call = load_pipeline(pipe_dir)
+    cfg = PromptSampleConfig(steps=2, batch_size=1)
+    _, one_image = count_flops(lambda: sample_prompts(dense_call, ["a cat on the left"], cfg, indices=[0]))
+    assert figures["flops_per_image"]["dense"] == one_image
+    assert 0 < figures["flops_per_image"]["diffcr"] < one_image
+    assert figures["flop_ratio"] == pytest.approx(one_image / figures["flops_per_image"]["diffcr"])
+    assert f"FLOP-ideal {figures['flop_ratio']:.2f}x" in result.output
+
+
+def test_flop_ratio_is_one_for_an_artifact_that_keeps_every_token(setup, tmp_path):
+    from diffcr.t2i_assess import assess_text_to_image
+
+    _, pipe_dir, _ = setup
+    transformer = diffcr.apply(load_pipeline(pipe_dir).transformer, diffcr.DiffCRConfig(timestep_regions=1))
+    dense_artifact = diffcr.save(diffcr.freeze(transformer), tmp_path / "dense-artifact")  # kept ratio 1.0
+    cfg = PromptSampleConfig(steps=2, batch_size=1)
+    figures = assess_text_to_image(pipe_dir, dense_artifact, ["a cat"], cfg, tmp_path / "eval", progress=False)
+    assert figures["mean_kept_ratio"] == 1.0 and figures["flop_ratio"] == 1.0
 
 
 def test_evaluate_refuses_bad_feature_options(setup, tmp_path):
@@ -131,7 +151,6 @@ def test_more_timing_rounds_time_more_batch_pairs_and_keep_the_first_rounds_imag
     import numpy as np
 
     from diffcr.t2i_assess import assess_text_to_image
-    from diffcr.text_to_image import PromptSampleConfig
 
     _, pipe_dir, artifact = setup
     cfg = PromptSampleConfig(steps=2, batch_size=1, num_per_prompt=3)

@@ -77,6 +77,11 @@ def test_demo_report_shows_the_judge(demo):
     assert "prompt accuracy: digits at their slot" in page and "held-out scenes" in page
     table = summary_table(result["evaluation"], result["judgement"])
     assert "measured sampling speedup" in table and "heldout prompts" in table
+    flop_ratio = result["evaluation"]["flop_ratio"]
+    # 3 steps leave the kept ratios near 1.0: the FLOPs are dense's exactly where no token is bypassed
+    assert flop_ratio >= 1.0 and (flop_ratio == 1.0) == (result["evaluation"]["mean_kept_ratio"] == 1.0)
+    assert f"| FLOP-ideal speedup (matrix products counted) | 1.00x | {flop_ratio:.2f}x |" in table
+    assert "FLOP-ideal speedup" in page
 
 
 def test_router_stroke_agreement_counts_only_computed_tokens(tiny_scene_pipeline):

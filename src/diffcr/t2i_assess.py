@@ -166,9 +166,10 @@ def assess_text_to_image(
     measure both. `cfg` is a `diffcr.text_to_image.PromptSampleConfig`; `source` holds `transformer` and
     `transformer_subfolder` when the pipeline's transformer comes from elsewhere, and `torch_dtype` (both
     pipelines are loaded in it; default fp32). `timing_rounds` > 1 samples every batch pair that many times, the
-    images of the first round kept: the speedup is then the median of more pairs. Returns (and writes) the
-    figures."""
-    from diffcr.benchmark import peak_memory
+    images of the first round kept: the speedup is then the median of more pairs. `flop_ratio` is the FLOP-ideal
+    speedup: dense's matrix-product FLOPs for one image's pipeline call over DiffCR's, counted as they run (torch's
+    `FlopCounterMode`). Returns (and writes) the figures."""
+    from diffcr.benchmark import count_flops, peak_memory
     from diffcr.evaluation import psnr_ssim
     from diffcr.text_to_image import image_seeds, load_pipeline, sample_prompts
 
@@ -216,6 +217,10 @@ def assess_text_to_image(
     speedup = paired_speedup(timed["dense"], timed["diffcr"])
     memory = {name: peak_memory(lambda p=pipes[name]: sample_prompts(p, prompts[:1], cfg, indices=[0]), device)[1]
               for name in pipes}  # fmt: skip
+    # the matrix products of one image's whole pipeline call, counted as they run: a speedup this machine's noise
+    # cannot move, against which the measured one reads as an efficiency
+    flops = {name: count_flops(lambda p=pipes[name]: sample_prompts(p, prompts[:1], cfg, indices=[0]))[1]
+             for name in pipes}  # fmt: skip
     as_float = {name: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1 for name, a in images.items()}
     psnr, ssim = psnr_ssim(as_float["diffcr"], as_float["dense"])
     result = {
@@ -230,6 +235,8 @@ def assess_text_to_image(
         "speedup": speedup,
         "speedup_of_median_latency": latency["dense"] / latency["diffcr"],
         "timed_batches": len(timed["dense"]),
+        "flops_per_image": flops,
+        "flop_ratio": flops["dense"] / max(1, flops["diffcr"]),
         "peak_memory_bytes": memory,
         "memory_vs_dense": memory["diffcr"] / max(1, memory["dense"]),
         "psnr_vs_dense_db": psnr,

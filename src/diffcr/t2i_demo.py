@@ -419,6 +419,8 @@ def summary_table(evaluation: dict, judgement: dict, warnings: bool = True) -> s
         ("prompt accuracy: empty slots empty", *(f"{d['accuracy']['empty_accuracy']:.1%}" for d in (dense, routed))),
         ("prompt accuracy: whole image right", *(f"{d['accuracy']['image_accuracy']:.1%}" for d in (dense, routed))),
     ]
+    if "flop_ratio" in evaluation:  # assessments written before it was counted lack it
+        rows.insert(1, ("FLOP-ideal speedup (matrix products counted)", "1.00x", f"{evaluation['flop_ratio']:.2f}x"))
     for kind in ("heldout", "seen", "single"):
         if kind in dense["accuracy"]["by_kind"]:
             rows.append(

@@ -157,6 +157,7 @@ def build_t2i_report(run_dir: str | Path, evaluation_dir: str | Path, out_dir: s
     rows = [
         ("latency per image (s)", figures["latency_per_image_s"]["dense"], figures["latency_per_image_s"]["diffcr"]),
         ("measured speedup", 1.0, figures["speedup"]),
+        *([("FLOP-ideal speedup", 1.0, figures["flop_ratio"])] if "flop_ratio" in figures else []),
         ("peak memory while sampling (MB)", *(figures["peak_memory_bytes"][k] / 2**20 for k in ("dense", "diffcr"))),
         ("mean kept ratio", 1.0, figures["mean_kept_ratio"]),
         ("PSNR / SSIM vs dense", "-", f"{figures['psnr_vs_dense_db']:.1f} dB / {figures['ssim_vs_dense']:.3f}"),

@@ -56,7 +56,8 @@ def evaluate(
     latency = result["latency_per_image_s"]
     typer.echo(
         f"latency per image: dense {latency['dense']:.3f} s, DiffCR {latency['diffcr']:.3f} s "
-        f"({result['speedup']:.2f}x); peak memory DiffCR/dense {result['memory_vs_dense']:.2f}; "
+        f"({result['speedup']:.2f}x, FLOP-ideal {result['flop_ratio']:.2f}x); "
+        f"peak memory DiffCR/dense {result['memory_vs_dense']:.2f}; "
         f"PSNR vs dense {result['psnr_vs_dense_db']:.1f} dB, SSIM {result['ssim_vs_dense']:.3f} "
         f"({result['timed_batches']} timed batch pairs)"
     )

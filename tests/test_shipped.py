@@ -15,7 +15,14 @@ def test_shipped_files_are_small_safetensors():
     files = list(SHIPPED_BASE_DIR.glob("*.safetensors")) + list(SHIPPED_ARTIFACT_DIR.glob("*.safetensors"))
     assert files and not list(SHIPPED_BASE_DIR.glob("*.bin")) and not list(SHIPPED_BASE_DIR.glob("*.pt"))
     assert all(f.stat().st_size < 25 * 2**20 for f in files)
-    assert (SHIPPED_BASE_DIR / "README.md").is_file()  # the model card
+    assert (SHIPPED_BASE_DIR / "README.md").is_file() and (SHIPPED_ARTIFACT_DIR / "README.md").is_file()  # cards
+
+
+def test_the_artifact_card_prints_the_artifacts_schedule():
+    card = (SHIPPED_ARTIFACT_DIR / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| learned schedule |"))
+    printed = [[float(v) for v in block.split()] for block in row.rsplit(": ", 1)[1].rstrip(" |").split(" / ")]
+    assert printed == json.loads((SHIPPED_ARTIFACT_DIR / "diffcr_config.json").read_text())["schedule"]
 
 
 def test_shipped_base_and_artifact_load():

@@ -30,8 +30,17 @@ def test_shipped_files_fit_the_budget():
     assert size(pipeline) <= 25 * 2**20
     transformer = size((PIPELINE_DIR / "transformer").rglob("*.safetensors"))
     assert size(artifact) <= transformer + 2**20
-    assert (PIPELINE_DIR / "README.md").is_file()  # the model card
+    assert (PIPELINE_DIR / "README.md").is_file() and (ARTIFACT_DIR / "README.md").is_file()  # the model cards
     assert not [p for p in pipeline + artifact if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
+
+
+def test_the_artifact_card_prints_the_artifacts_schedule():
+    import json
+
+    card = (ARTIFACT_DIR / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| learned schedule |"))
+    printed = [[float(v) for v in block.split()] for block in row.rsplit(": ", 1)[1].rstrip(" |").split(" / ")]
+    assert printed == json.loads((ARTIFACT_DIR / "diffcr" / "diffcr_config.json").read_text())["schedule"]
 
 
 def test_shipped_pipeline_shape():

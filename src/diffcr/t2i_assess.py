@@ -215,12 +215,17 @@ def assess_text_to_image(
     timed = {name: values[1:] or values for name, values in seconds.items()}
     latency = {name: float(np.median(values)) for name, values in timed.items()}
     speedup = paired_speedup(timed["dense"], timed["diffcr"])
-    memory = {name: peak_memory(lambda p=pipes[name]: sample_prompts(p, prompts[:1], cfg, indices=[0]), device)[1]
-              for name in pipes}  # fmt: skip
-    # the matrix products of one image's whole pipeline call, counted as they run: a speedup this machine's noise
-    # cannot move, against which the measured one reads as an efficiency
-    flops = {name: count_flops(lambda p=pipes[name]: sample_prompts(p, prompts[:1], cfg, indices=[0]))[1]
-             for name in pipes}  # fmt: skip
+    # one image's whole pipeline call per model gives its peak memory and its matrix products, counted as they run
+    # (the FLOP ratio is a speedup this machine's noise cannot move, against which the measured one reads as an
+    # efficiency); the two counters watch the same call and give what each gives alone
+    one_image = {
+        name: peak_memory(
+            lambda p=pipes[name]: count_flops(lambda: sample_prompts(p, prompts[:1], cfg, indices=[0])), device
+        )
+        for name in pipes
+    }
+    memory = {name: peak for name, (_, peak) in one_image.items()}
+    flops = {name: counted for name, ((_, counted), _) in one_image.items()}
     as_float = {name: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1 for name, a in images.items()}
     psnr, ssim = psnr_ssim(as_float["diffcr"], as_float["dense"])
     result = {

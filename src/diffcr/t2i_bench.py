@@ -68,7 +68,7 @@ class T2IBenchRecipe:
             random routing) and in the probes that match their kept ratio to a speedup; True is the paper's routing.
         train_uniform: train uniform routing's routers at the same budget (its kept ratios stay fixed), as the
             class-conditional comparison does; False samples the untrained frozen-uniform model.
-        sampler_steps, guidance_scale: the pipeline's DPM-Solver steps and CFG (PixArt's 20 and 4.5).
+        sampler_steps, guidance_scale: the pipeline's sampler steps and CFG (PixArt's 20 and 4.5).
         sample_batch: prompts per pipeline call, in the contest and in the speed probes.
         num_prompts: how many of `evaluation_prompts()` to sample (None = all 50), picked across kinds.
         num_reference: held-out scenes the feature FID compares against.
@@ -80,7 +80,9 @@ class T2IBenchRecipe:
 
     speedups: tuple[float, ...] = (1.5, 2.0)
     timestep_regions: int = T2IDemoRecipe.timestep_regions
-    ratio_loss_weight: float = T2IDemoRecipe.ratio_loss_weight
+    # the one-target demo's lambda, which every bench figure in docs/RESULTS.md used: the bench trains one target
+    # per contestant, and the demo's 4.0 is for its region targets
+    ratio_loss_weight: float = 2.0
     train_steps: int = T2IDemoRecipe.steps
     train_batch: int = T2IDemoRecipe.batch_size
     lr: float = T2IDemoRecipe.lr
@@ -707,7 +709,7 @@ FBCACHE_NOTE = (
     "state reset per run). The knob is the relative-change threshold, tuned with every sampler step."
 )
 FEWER_STEPS_NOTE = (
-    "The dense pipeline with fewer DPM-Solver steps. A pipeline call's latency is affine in the steps (text "
+    "The dense pipeline with fewer sampler steps. A pipeline call's latency is affine in the steps (text "
     "encoding and VAE decoding are paid once), so the steps come from a fitted fixed + per-step latency, not "
     "from steps / target."
 )
@@ -761,7 +763,8 @@ def results_markdown(result: dict) -> str:
         "### Methods at matched speedups (text-to-image default)",
         "",
         f"Base: {result['base']}. {result['num_prompts']} evaluation prompts per method, one image each, the same "
-        f"seeds for every method (DPM-Solver {recipe['sampler_steps']} steps, CFG {recipe['guidance_scale']}), "
+        f"seeds for every method (the pipeline's sampler, {recipe['sampler_steps']} steps, "
+        f"CFG {recipe['guidance_scale']}), "
         f"batches of {recipe['sample_batch']} interleaved across all methods; latency = median per full batch of "
         "a whole pipeline call (text encoding and VAE decoding included). Every trained variant got the same "
         f"budget: {recipe['train_steps']} steps at batch {recipe['train_batch']} on digit scenes. "

@@ -71,7 +71,7 @@ class T2IFrontierRecipe(FrontierPlan):
     training budget and sampler.
 
     Args:
-        sampler_steps: dense's DPM-Solver steps (the pipeline's scheduler); every speedup is over dense at these.
+        sampler_steps: dense's sampler steps (the pipeline's scheduler); every speedup is over dense at these.
         step_counts: the sampler steps of "fewer steps" (dense's own count included: that point is dense again,
             and its measured speedup shows the timing noise).
         diffcr_targets: the target kept ratios of the DiffCR models (one trained model each).
@@ -456,7 +456,7 @@ def results_markdown(result: dict) -> str:
         "",
         f"Base: {result['base']}, on digit scenes. Every point samples the same {result['num_samples']} images "
         f"({result['num_prompts']} evaluation prompts x {seeds} seed{'s' * (seeds != 1)}) from the same seeds as "
-        f"dense (DPM-Solver {recipe['sampler_steps']} steps, CFG {recipe['guidance_scale']}), batches of "
+        f"dense (the pipeline's sampler, {recipe['sampler_steps']} steps, CFG {recipe['guidance_scale']}), batches of "
         f"{recipe['sample_batch']} prompts interleaved across all points; measured speedup = dense's median latency "
         "per full batch of a whole pipeline call (text encoding and VAE decoding included) over the point's. "
         f"{DIFFCR} here is "

@@ -61,7 +61,7 @@ class T2IDemoRecipe:
     # target for the whole table, the paper): this base decides the digits' shapes at t 250-499, so that region runs
     # dense, where the loss's own weighting would keep only the cleanest region dense. With the pipeline's Euler
     # ancestral sampler, whose fresh noise washes out part of what the noisy steps get wrong, the cleanest region is
-    # worth more than the noisy ones: 0.7 / 1.0 / 0.3 / 0.1 drew 83.3 % against dense's 84.4 % at 1.54x, and
+    # worth more than the noisy ones: 0.7 / 1.0 / 0.3 / 0.1 drew 83.3 % against dense's 84.4 % at 1.46-1.54x, and
     # 0.6 / 1.0 / 0.4 / 0.2 81.1 % at 1.50x; the one target 0.45 drew 62.2 % (docs/RESULTS.md, "The sampler")
     region_targets: tuple[float, ...] | None = (0.7, 1.0, 0.3, 0.1)
     distill: bool = False

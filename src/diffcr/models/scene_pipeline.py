@@ -196,7 +196,7 @@ def write_model_index(folder: str | Path, num_text_encoder_layers: int = TEXT_EN
     index = {
         "_class_name": "PixArtSigmaPipeline",
         "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+        "scheduler": ["diffusers", type(build_scene_scheduler()).__name__],
         "text_encoder": ["transformers", "BertModel"],
         "tokenizer": ["transformers", "BertTokenizerFast"],
         "transformer": ["diffusers", "PixArtTransformer2DModel"],

@@ -9,8 +9,8 @@ prompt kind (held-out compositions, seen, single digits) and per digit, empty sl
     python benchmarks/t2i_prompt_accuracy.py --base runs/t2i/pipeline --seeds 2
     python benchmarks/t2i_prompt_accuracy.py --artifact default            # the shipped DiffCR artifact
 
-DPM-Solver++ 20 steps, guidance 4.5 (the demo's). About 25 seconds a seed (50 images) for the dense shipped
-pipeline on two CPU threads.
+The pipeline's own sampler (Euler ancestral for the shipped one), 20 steps, guidance 4.5 (the demo's). About 25-40
+seconds a seed (50 images) for the dense shipped pipeline on two CPU threads.
 """
 
 from __future__ import annotations

@@ -62,6 +62,31 @@ def test_routed_forward_gives_bypassed_tokens_only_the_bypass_update(num_kept):
     assert seen == ([] if num_kept == 8 else [8 - num_kept] * 2)
 
 
+def test_bypass_output_widens_dtypes_and_passes_gradients_to_every_row():
+    # every row of the output is written (kept rows by the block, the rest by the bypass), with no copy of the
+    # input first: the gradient must still reach each input row through its own path, and a block that returns
+    # bf16 must not narrow the bypassed rows
+    torch.manual_seed(1)
+    tokens = torch.randn(2, 8, 4, requires_grad=True)
+    logits = torch.randn(2, 8)
+    kept = torch.zeros(2, 8, dtype=torch.bool)
+    kept.scatter_(1, select_tokens(logits, 3), True)
+    out = routed_forward(
+        tokens,
+        logits,
+        3,
+        lambda kept_tokens, mlp_gate, kept_idx: (kept_tokens * 3.0).to(torch.bfloat16),
+        "straight_through",
+        False,
+        bypass_fn=lambda bypassed: bypassed * 0.5,
+    )
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[~kept], tokens[~kept] * 1.5, rtol=0, atol=0)
+    (out.float() * torch.arange(1.0, 5.0)).sum().backward()
+    expected_grad = torch.where(kept.unsqueeze(-1), 3.0, 1.5) * torch.arange(1.0, 5.0)  # (2, 8, 4)
+    torch.testing.assert_close(tokens.grad, expected_grad)
+
+
 def test_routed_pixart_block_is_the_block_on_kept_tokens_and_cross_attention_on_the_rest():
     model = _bypass_model(0.5)
     block = model.transformer_blocks[0]

@@ -13,6 +13,7 @@ from diffcr.data.scenes import (
     SceneSpec,
     caption_for,
     evaluation_prompts,
+    names_right_slot_first,
     parse_caption,
 )
 
@@ -108,6 +109,26 @@ def test_caption_wordings_vary(train_scenes):
     captions = {caption_for(spec, torch.Generator().manual_seed(s)) for s in range(60)}
     assert len(captions) >= 8
     assert any("three" in c for c in captions) and any("3" in c for c in captions)
+
+
+def test_two_digit_captions_name_the_left_slot_first(train_scenes):
+    captions = {caption_for(SceneSpec(3, 7), torch.Generator().manual_seed(s)) for s in range(200)}
+    # the shipped base binds digits to slots by their order, so the grammar fixes it (docs/RESULTS.md)
+    assert all(c.index("left") < c.index("right") for c in captions), captions
+    assert not any(names_right_slot_first(c) for c in captions)
+    _, captions, specs, _ = train_scenes.batch(torch.arange(400))
+    two_digit = [c for c, spec in zip(captions, specs) if None not in spec.digits]
+    assert len(two_digit) > 150 and not any(names_right_slot_first(c) for c in two_digit)
+
+
+def test_names_right_slot_first_flags_only_two_digit_captions_that_start_on_the_right():
+    assert names_right_slot_first("a 7 on the right and a 3 on the left")
+    assert names_right_slot_first("right: seven, left: three")
+    assert names_right_slot_first("Seven on the Right, three on the left")
+    assert not names_right_slot_first("a 3 on the left and a 7 on the right")
+    assert not names_right_slot_first("left: three, right: seven")
+    assert not names_right_slot_first("a 4 on the right and nothing on the left")  # one digit: no order to bind
+    assert not names_right_slot_first("a red car on the right of a tree on the left")  # not the grammar
 
 
 def test_evaluation_prompts_cover_every_kind_and_digit():

@@ -87,6 +87,17 @@ def test_sample_base_t2i_artifact_default_through_the_cli(tmp_path):
     assert data["prompts"].tolist() == ["a 4 on the left and a 1 on the right"] * 2
 
 
+def test_sample_warns_about_prompts_that_name_the_right_slot_first(tmp_path, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a 7 on the right and a 3 on the left\na 3 on the left and a 7 on the right\n")
+    args = ["sample", "--base", "t2i", "--artifact", "none", "--prompts", str(prompts), "--steps", "1", "--num", "1"]
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if "names the right slot first" in r.getMessage()]
+    assert len(warned) == 1 and "'a 7 on the right and a 3 on the left'" in warned[0], warned
+
+
 def test_artifact_default_needs_the_shipped_base(tmp_path):
     result = CliRunner().invoke(
         app, ["sample", "--base", str(tmp_path), "--artifact", "default", "--prompt", "a 1 on the left"]
@@ -114,9 +125,9 @@ def test_dense_and_diffcr_draw_what_heldout_prompts_ask_for_at_their_measured_le
     torch.set_num_threads(2)
     prompts = [p for p, kind in evaluation_prompts() if kind == "heldout"]
     cfg = PromptSampleConfig(steps=20, batch_size=10)
-    # the figures the demo measured for these prompts and seeds (85.0 % dense, 75.0 % DiffCR, with the pipeline's
+    # the figures the demo measured for these prompts and seeds (100 % dense and DiffCR, with the pipeline's
     # Euler ancestral sampler), less two of the 40 digits: this guards what the shipped models reach
-    floors = {"none": 0.80, "default": 0.70}
+    floors = {"none": 0.95, "default": 0.95}
     for artifact, floor in floors.items():
         images = sample_prompts(load_pipeline("t2i", artifact), prompts, cfg)
         accuracy = prompt_accuracy(images, prompts)

@@ -166,6 +166,8 @@ def sample_text(
             "--artifact DIR (a compress run's artifact/ or model/ folder) or --artifact none for the dense pipeline"
         )
     texts = read_prompts(prompt, prompts_file)
+    if str(base) == SHIPPED_TEXT_TO_IMAGE:
+        warn_right_slot_first(texts)
     check_int("--threads", threads, 1, 4096, "CPU threads per process")
     cfg = PromptSampleConfig(
         steps=options["steps"],
@@ -214,3 +216,19 @@ def sample_text(
         npz.parent.mkdir(parents=True, exist_ok=True)
         save_npz(npz, images, texts, cfg)
     typer.echo(f"{len(images)} images -> {folder}/ and {out}" + (f" and {npz}" if npz else ""))
+
+
+def warn_right_slot_first(texts: list[str]) -> None:
+    """Warn about prompts the shipped text-to-image default is likely to draw swapped."""
+    import logging
+
+    from diffcr.data.scenes import names_right_slot_first
+
+    for text in texts:
+        if names_right_slot_first(text):
+            logging.getLogger(__name__).warning(
+                "%r names the right slot first; the shipped text-to-image default reads a prompt's digits in "
+                "order, left slot first, and usually draws such a prompt swapped: write the left digit first, "
+                "e.g. 'a 3 on the left and a 7 on the right'",
+                text,
+            )

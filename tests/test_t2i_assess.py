@@ -167,3 +167,25 @@ def test_more_timing_rounds_time_more_batch_pairs_and_keep_the_first_rounds_imag
     with pytest.raises(ValueError, match="timing_rounds=0 must be >= 1"):
         assess_text_to_image(pipe_dir, artifact, ["a cat"], cfg, tmp_path / "none", timing_rounds=0)
     assert not (tmp_path / "none").exists()
+
+
+def test_assessing_in_a_fresh_process_gives_the_same_images_and_figures(setup, tmp_path):
+    import numpy as np
+
+    from diffcr.t2i_assess import assess_in_fresh_process, assess_text_to_image
+
+    _, pipe_dir, artifact = setup
+    cfg = PromptSampleConfig(steps=2, batch_size=2, num_per_prompt=2)
+    here = assess_text_to_image(pipe_dir, artifact, ["a cat", "a dog"], cfg, tmp_path / "here", progress=False)
+    fresh = assess_in_fresh_process(pipe_dir, artifact, ["a cat", "a dog"], cfg, tmp_path / "fresh", progress=False)
+    images = [np.load(run / "samples.npz") for run in (tmp_path / "here", tmp_path / "fresh")]
+    for name in ("dense", "diffcr"):
+        assert images[1][name].shape == (4, *images[0][name].shape[1:])
+        np.testing.assert_array_equal(images[0][name], images[1][name])  # same seeds, same kernels, same images
+    assert fresh == json.loads((tmp_path / "fresh" / "t2i_assessment.json").read_text())
+    for key in ("num_images", "timed_batches", "flops_per_image", "mean_kept_ratio", "psnr_vs_dense_db"):
+        assert fresh[key] == here[key]
+    # an error in the child reaches the caller, with its message
+    with pytest.raises(RuntimeError, match="fresh process failed(.|\n)*compare the dense pipeline with itself"):
+        assess_in_fresh_process(pipe_dir, "none", ["a cat"], cfg, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -264,6 +264,74 @@ def assess_text_to_image(
     return result
 
 
+def assess_in_fresh_process(
+    base: str | Path,
+    artifact: str | Path,
+    prompts: list[str],
+    cfg,
+    out_dir: str | Path,
+    progress: bool = True,
+    timing_rounds: int = 1,
+) -> dict:
+    """`assess_text_to_image` run in a new Python process with this one's torch thread count; its figures.
+
+    A process that has just trained times routed sampling slower than a fresh one does, and dense sampling not: one
+    text-to-image demo artifact read 1.48-1.55x in four runs in training processes and 1.56-1.60x in three fresh
+    ones (docs/RESULTS.md, "Timing in a fresh process"). glibc's heap after training looks like the cause: with its
+    mmap threshold and trimming switched off (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) a training
+    process read 1.59x. A user samples an artifact in a fresh process (`diffcr sample`), so a run that trains times
+    it in one.
+    """
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    import diffcr
+
+    out_dir = Path(out_dir)
+    request = {
+        "base": str(base),
+        "artifact": str(artifact),
+        "prompts": list(prompts),
+        "cfg": dataclasses.asdict(cfg),
+        "out_dir": str(out_dir),
+        "progress": progress,
+        "timing_rounds": timing_rounds,
+        "num_threads": torch.get_num_threads(),
+    }
+    # the child imports this very package, wherever the parent found it (a source checkout on sys.path included)
+    package_root = str(Path(diffcr.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "diffcr.t2i_assess", json.dumps(request)]
+    # with progress the child's output (the pipelines' progress bars, its error) shows as it comes; without, the
+    # error's last lines go into the exception
+    captured = None if progress else subprocess.PIPE
+    finished = subprocess.run(command, env=env, stdout=captured, stderr=captured, text=True)
+    if finished.returncode != 0:
+        tail = "\n".join((finished.stderr or "").strip().splitlines()[-8:]) or "(its error is printed above)"
+        raise RuntimeError(f"assessing {artifact} in a fresh process failed (exit {finished.returncode}):\n{tail}")
+    return json.loads((out_dir / "t2i_assessment.json").read_text())
+
+
+def _assess_request(request_json: str) -> None:
+    """The fresh process of `assess_in_fresh_process`."""
+    from diffcr.text_to_image import PromptSampleConfig
+
+    request = json.loads(request_json)
+    torch.set_num_threads(request["num_threads"])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    assess_text_to_image(
+        request["base"],
+        request["artifact"],
+        request["prompts"],
+        PromptSampleConfig(**request["cfg"]),
+        request["out_dir"],
+        progress=request["progress"],
+        timing_rounds=request["timing_rounds"],
+    )
+
+
 def paired_speedup(dense_seconds: list[float], routed_seconds: list[float]) -> float:
     """The median over batches of dense's time over DiffCR's for the same images.
 
@@ -302,3 +370,9 @@ def pairs_figure(path: Path, images: dict, prompts: list[str], cfg, max_pairs: i
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    _assess_request(sys.argv[1])

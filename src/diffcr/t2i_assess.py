@@ -303,11 +303,11 @@ def assess_in_fresh_process(
     # the child imports this very package, wherever the parent found it (a source checkout on sys.path included)
     package_root = str(Path(diffcr.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, "-m", "diffcr.t2i_assess", json.dumps(request)]
+    command = [sys.executable, "-m", "diffcr.t2i_assess"]  # the request comes on stdin: any number of prompts
     # with progress the child's output (the pipelines' progress bars, its error) shows as it comes; without, the
     # error's last lines go into the exception
     captured = None if progress else subprocess.PIPE
-    finished = subprocess.run(command, env=env, stdout=captured, stderr=captured, text=True)
+    finished = subprocess.run(command, env=env, input=json.dumps(request), stdout=captured, stderr=captured, text=True)
     if finished.returncode != 0:
         tail = "\n".join((finished.stderr or "").strip().splitlines()[-8:]) or "(its error is printed above)"
         raise RuntimeError(f"assessing {artifact} in a fresh process failed (exit {finished.returncode}):\n{tail}")
@@ -375,4 +375,4 @@ def pairs_figure(path: Path, images: dict, prompts: list[str], cfg, max_pairs: i
 if __name__ == "__main__":
     import sys
 
-    _assess_request(sys.argv[1])
+    _assess_request(sys.stdin.read())

@@ -182,7 +182,6 @@ def test_assessing_in_a_fresh_process_gives_the_same_images_and_figures(setup, t
     for name in ("dense", "diffcr"):
         assert images[1][name].shape == (4, *images[0][name].shape[1:])
         np.testing.assert_array_equal(images[0][name], images[1][name])  # same seeds, same kernels, same images
-    assert fresh == json.loads((tmp_path / "fresh" / "t2i_assessment.json").read_text())
     for key in ("num_images", "timed_batches", "flops_per_image", "mean_kept_ratio", "psnr_vs_dense_db"):
         assert fresh[key] == here[key]
     # an error in the child reaches the caller, with its message

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from diffcr.cli import app
 from diffcr.compare import DENSE, DENSE_TUNED, DIFFCR_L, DIFFCR_LT, FBCACHE, FEWER_STEPS, RANDOM, TOME, UNIFORM
-from diffcr.t2i_bench import PLOT_NAME, StepLatency, T2IBenchRecipe, load_bench_pipeline
+from diffcr.t2i_bench import DIFFCR_LT_REGIONS, PLOT_NAME, StepLatency, T2IBenchRecipe, load_bench_pipeline
 
 runner = CliRunner()
-METHODS = (DENSE, DENSE_TUNED, DIFFCR_LT, DIFFCR_L, UNIFORM, RANDOM, FBCACHE, FEWER_STEPS)
+METHODS = (DENSE, DENSE_TUNED, DIFFCR_LT, DIFFCR_L, UNIFORM, RANDOM, FBCACHE, FEWER_STEPS, DIFFCR_LT_REGIONS)
 # the quick recipe cut further, so that the whole bench runs in seconds
 TINY = replace(
     T2IBenchRecipe.quick(),
@@ -83,7 +83,13 @@ def test_fewer_steps_rows_take_fewer_steps_than_the_others(bench):
 
 def test_routed_rows_carry_their_timestep_regions(bench):
     _, results, _ = bench
-    expected = {DIFFCR_LT: TINY.timestep_regions, DIFFCR_L: 1, UNIFORM: 1, RANDOM: TINY.timestep_regions}
+    expected = {
+        DIFFCR_LT: TINY.timestep_regions,
+        DIFFCR_L: 1,
+        UNIFORM: 1,
+        RANDOM: TINY.timestep_regions,
+        DIFFCR_LT_REGIONS: len(TINY.region_targets),
+    }
     for method, regions in expected.items():
         for row in rows_of(results, method):
             assert row["timestep_regions"] == regions, row
@@ -97,6 +103,28 @@ def test_routed_rows_carry_their_timestep_regions(bench):
     assert all(kept == pytest.approx(knob) for layer in uniform["schedule"] for kept in layer)
     for method in (DENSE, DENSE_TUNED, FBCACHE, FEWER_STEPS):
         assert all(row["timestep_regions"] is None for row in rows_of(results, method))
+
+
+def test_region_targets_row_is_trained_as_the_demo_trains(bench):
+    from diffcr.t2i_demo import T2IDemoRecipe
+
+    _, results, _ = bench
+    (row,) = rows_of(results, DIFFCR_LT_REGIONS)
+    assert row["target_speedup"] == TINY.region_targets_at
+    assert row["knob"] == "region targets 0.6 / 1 / 0.3 / 0.1"
+    # the bench's config for the row is the demo's, field for field
+    demo = T2IDemoRecipe().diffcr_config().to_dict()
+    bench_config = T2IBenchRecipe().region_targets_config().to_dict()
+    assert bench_config.pop("target_kept_ratio") == pytest.approx(demo.pop("target_kept_ratio"))
+    assert bench_config == demo
+
+
+def test_region_targets_row_must_sit_under_a_target():
+    with pytest.raises(ValueError, match="region_targets_at=3.0 is not one of speedups"):
+        T2IBenchRecipe(region_targets_at=3.0)
+    assert T2IBenchRecipe(region_targets=None, region_targets_at=3.0).region_targets is None
+    with pytest.raises(ValueError, match="outside the bins' range"):
+        T2IBenchRecipe(region_targets=(0.6, 1.0, 0.3, 0.01))  # the bins stop at 0.1
 
 
 def test_report_names_every_method_and_why_tome_is_skipped(bench):

@@ -44,6 +44,8 @@ from diffcr.t2i_demo import T2IDemoRecipe
 logger = logging.getLogger(__name__)
 
 PROMPT_KINDS = ("heldout", "seen", "single")
+# DiffCR-LT trained as the text-to-image demo trains it: a kept-ratio target per timestep region, uncoupled
+DIFFCR_LT_REGIONS = "DiffCR-LT, region targets"
 PLOT_NAME = "t2i_quality_vs_speedup.png"
 # a row whose measured speedup is further than this (relative) from its target is marked "missed" (as harness.py)
 OFF_TARGET = 0.15
@@ -61,6 +63,11 @@ class T2IBenchRecipe:
         train_steps, train_batch: the budget every trained variant gets (the text-to-image demo's).
         lr, router_lr, ratio_lr, lr_schedule: the demo's learning rates and their schedule (a cosine decay to 0:
             at this budget constant rates diverge, docs/RESULTS.md).
+        region_targets, region_ratio_loss_weight, region_targets_at: one more row, DiffCR-LT as the demo trains it
+            (a kept-ratio target per timestep region, cleanest first, regions uncoupled, the demo's lambda), listed
+            under the target speedup `region_targets_at`, which must be one of `speedups`. Its table is fixed, not
+            tuned to the target, so the row runs at whatever speed the table gives (the demo's: about 1.6x). None
+            leaves the row out.
         freeze_schedule_at: the demo's: the step after which the routed variants' kept ratios stay at their bins
             (`TrainConfig.freeze_schedule_at`; 0 = never); dense fine-tuning has none.
         route_cross_attention: the demo's: False gives the tokens a block bypasses its cross-attention update (a
@@ -83,6 +90,9 @@ class T2IBenchRecipe:
     # the one-target demo's lambda, which every bench figure in docs/RESULTS.md used: the bench trains one target
     # per contestant, and the demo's 4.0 is for its region targets
     ratio_loss_weight: float = 2.0
+    region_targets: tuple[float, ...] | None = T2IDemoRecipe.region_targets
+    region_ratio_loss_weight: float = T2IDemoRecipe.ratio_loss_weight
+    region_targets_at: float = 1.5
     train_steps: int = T2IDemoRecipe.steps
     train_batch: int = T2IDemoRecipe.batch_size
     lr: float = T2IDemoRecipe.lr
@@ -114,6 +124,13 @@ class T2IBenchRecipe:
             raise ValueError(f"num_reference={self.num_reference} must be >= 2 (FID needs two images)")
         if not self.speedups or any(s <= 1.0 for s in self.speedups):
             raise ValueError(f"speedups={self.speedups} must be a non-empty list of targets above 1.0")
+        if self.region_targets is not None:
+            if self.region_targets_at not in self.speedups:
+                raise ValueError(
+                    f"region_targets_at={self.region_targets_at} is not one of speedups={self.speedups}: list the "
+                    "region-targets row under one of the targets, or set region_targets=None to leave it out"
+                )
+            self.region_targets_config()  # the table is checked against the bins now, not after an hour
         self.train_config(dense=False)  # the training fields, checked now rather than after the tuning probes
 
     @classmethod
@@ -154,6 +171,21 @@ class T2IBenchRecipe:
             guidance_scale=self.guidance_scale,
             batch_size=self.sample_batch,
             seed=self.seed,
+        )
+
+    def region_targets_config(self):
+        """The `DiffCRConfig` of the region-targets row: the demo's (`T2IDemoRecipe.diffcr_config`) with this
+        recipe's table, lambda and routing."""
+        import diffcr
+
+        targets = tuple(self.region_targets)
+        return diffcr.DiffCRConfig(
+            target_kept_ratio=sum(targets) / len(targets),
+            timestep_regions=len(targets),
+            ratio_loss_weight=self.region_ratio_loss_weight,
+            region_coupling=False,
+            route_cross_attention=self.route_cross_attention,
+            region_targets=targets,
         )
 
     def train_config(self, dense: bool, ratio_lr: float | None = None):
@@ -491,6 +523,21 @@ def prepare_lineup(
             lineup.contestants.append(
                 PromptContestant(method, target, f"target kept {kept:.2f}", trained[method], sample_cfg)
             )
+        if recipe.region_targets is not None and target == recipe.region_targets_at:
+            table = " / ".join(f"{kept:g}" for kept in recipe.region_targets)
+            logger.info("training %s (region targets %s)", DIFFCR_LT_REGIONS, table)
+            with timer("training"):
+                model = train_t2i_variant(
+                    dense_model,
+                    conditioning,
+                    trained_dir / f"DiffCR-LT-regions-{target:g}x",
+                    recipe,
+                    recipe.region_targets_config(),
+                    progress=progress,
+                )
+            lineup.contestants.append(
+                PromptContestant(DIFFCR_LT_REGIONS, target, f"region targets {table}", model, sample_cfg)
+            )
         if not recipe.train_uniform:
             model = frozen_uniform(dense_model, kept, route_cross_attention=recipe.route_cross_attention)
             lineup.contestants.append(
@@ -755,6 +802,18 @@ def _routing_sentence(route_cross_attention: bool) -> str:
     )
 
 
+def _regions_sentence(recipe: dict) -> str:
+    targets = recipe.get("region_targets")
+    if not targets:
+        return ""
+    return (
+        f"{DIFFCR_LT_REGIONS} is DiffCR-LT trained as the text-to-image demo trains it: a target per timestep region, "
+        f"{' / '.join(f'{kept:g}' for kept in targets)} (cleanest first), regions uncoupled, lambda "
+        f"{recipe['region_ratio_loss_weight']:g}; its table is fixed, not tuned, so it runs at the speed the table "
+        f"gives and is listed under {recipe['region_targets_at']:g}x. "
+    )
+
+
 def results_markdown(result: dict) -> str:
     """`results.md`: how the bench ran, the table, the plot, and what was skipped and why."""
     recipe, machine = result["recipe"], result["machine"]
@@ -769,6 +828,7 @@ def results_markdown(result: dict) -> str:
         "a whole pipeline call (text encoding and VAE decoding included). Every trained variant got the same "
         f"budget: {recipe['train_steps']} steps at batch {recipe['train_batch']} on digit scenes. "
         + _routing_sentence(recipe.get("route_cross_attention", True))
+        + _regions_sentence(recipe)
         + "Knobs were "
         "tuned by bisection on measured latency; a trained model's schedule then lands near, not at, its target "
         f"(marked (missed) when more than {OFF_TARGET:.0%} away). Digits right: the shipped classifier reads the "

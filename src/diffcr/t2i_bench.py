@@ -524,7 +524,7 @@ def prepare_lineup(
                 PromptContestant(method, target, f"target kept {kept:.2f}", trained[method], sample_cfg)
             )
         if recipe.region_targets is not None and target == recipe.region_targets_at:
-            table = " / ".join(f"{kept:g}" for kept in recipe.region_targets)
+            table = " / ".join(f"{ratio:g}" for ratio in recipe.region_targets)
             logger.info("training %s (region targets %s)", DIFFCR_LT_REGIONS, table)
             with timer("training"):
                 model = train_t2i_variant(
@@ -808,7 +808,7 @@ def _regions_sentence(recipe: dict) -> str:
         return ""
     return (
         f"{DIFFCR_LT_REGIONS} is DiffCR-LT trained as the text-to-image demo trains it: a target per timestep region, "
-        f"{' / '.join(f'{kept:g}' for kept in targets)} (cleanest first), regions uncoupled, lambda "
+        f"{' / '.join(f'{ratio:g}' for ratio in targets)} (cleanest first), regions uncoupled, lambda "
         f"{recipe['region_ratio_loss_weight']:g}; its table is fixed, not tuned, so it runs at the speed the table "
         f"gives and is listed under {recipe['region_targets_at']:g}x. "
     )

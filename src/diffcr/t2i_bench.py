@@ -174,19 +174,18 @@ class T2IBenchRecipe:
         )
 
     def region_targets_config(self):
-        """The `DiffCRConfig` of the region-targets row: the demo's (`T2IDemoRecipe.diffcr_config`) with this
-        recipe's table, lambda and routing."""
-        import diffcr
-
+        """The `DiffCRConfig` of the region-targets row: the demo's (`T2IDemoRecipe.diffcr_config`, so its bins
+        and coupling follow the demo's) with this recipe's table, lambda and routing."""
         targets = tuple(self.region_targets)
-        return diffcr.DiffCRConfig(
+        demo = replace(
+            T2IDemoRecipe(),
+            region_targets=targets,
             target_kept_ratio=sum(targets) / len(targets),
             timestep_regions=len(targets),
             ratio_loss_weight=self.region_ratio_loss_weight,
-            region_coupling=False,
             route_cross_attention=self.route_cross_attention,
-            region_targets=targets,
         )
+        return demo.diffcr_config()
 
     def train_config(self, dense: bool, ratio_lr: float | None = None):
         """The `TrainConfig` of one trained variant: a full fine-tune with DiffCR, or a dense one ("pretrain")."""
@@ -524,7 +523,7 @@ def prepare_lineup(
                 PromptContestant(method, target, f"target kept {kept:.2f}", trained[method], sample_cfg)
             )
         if recipe.region_targets is not None and target == recipe.region_targets_at:
-            table = " / ".join(f"{ratio:g}" for ratio in recipe.region_targets)
+            table = _table_text(recipe.region_targets)
             logger.info("training %s (region targets %s)", DIFFCR_LT_REGIONS, table)
             with timer("training"):
                 model = train_t2i_variant(
@@ -802,13 +801,17 @@ def _routing_sentence(route_cross_attention: bool) -> str:
     )
 
 
+def _table_text(region_targets) -> str:
+    return " / ".join(f"{ratio:g}" for ratio in region_targets)
+
+
 def _regions_sentence(recipe: dict) -> str:
     targets = recipe.get("region_targets")
     if not targets:
         return ""
     return (
         f"{DIFFCR_LT_REGIONS} is DiffCR-LT trained as the text-to-image demo trains it: a target per timestep region, "
-        f"{' / '.join(f'{ratio:g}' for ratio in targets)} (cleanest first), regions uncoupled, lambda "
+        f"{_table_text(targets)} (cleanest first), regions uncoupled, lambda "
         f"{recipe['region_ratio_loss_weight']:g}; its table is fixed, not tuned, so it runs at the speed the table "
         f"gives and is listed under {recipe['region_targets_at']:g}x. "
     )
